@@ -1,0 +1,30 @@
+# The two commands of the README: `make run` (set up, then the main job) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Telemetry would reach for the network, which these machines do not have.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: run test setup clean
+
+setup: $(STAMP)
+
+# constraints.txt pins every transitive version that was installed and tested together, so a fresh
+# machine resolves nothing new (prefect 3.8 breaks at run time with newer fastapi / SQLAlchemy).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/patchline ingest
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .patchline

@@ -1,0 +1,53 @@
+"""Turning decoded uint8 images into the float tensors every detector consumes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def images_to_tensor(images: Sequence[np.ndarray], size: int, channels: int = 3) -> torch.Tensor:
+    """Stack uint8 images (H, W) or (H, W, C) into a float (N, channels, size, size) batch in [0, 1].
+
+    Greyscale is replicated when `channels` is 3 and RGB is averaged when it is 1, so one line can
+    mix both. Resizing is bilinear with antialiasing, the same as the published ELPV protocol uses.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    batch = []
+    for index, image in enumerate(images):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            raise ValueError(f"image {index}: expected uint8 pixels, got {array.dtype}")
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+            raise ValueError(f"image {index}: expected (H, W) or (H, W, 1|3|4), got {array.shape}")
+        tensor = torch.from_numpy(np.ascontiguousarray(array[:, :, :3])).permute(2, 0, 1).float() / 255.0
+        if tensor.shape[0] != channels:
+            tensor = tensor.mean(0, keepdim=True) if channels == 1 else tensor.expand(3, -1, -1)
+        if tensor.shape[1:] != (size, size):
+            tensor = F.interpolate(tensor[None], size=(size, size), mode="bilinear",
+                                   antialias=True, align_corners=False)[0]
+        batch.append(tensor)
+    if not batch:
+        return torch.empty((0, channels, size, size))
+    return torch.stack(batch).clamp_(0.0, 1.0)
+
+
+def imagenet_normalize(batch: torch.Tensor) -> torch.Tensor:
+    """Normalise a (N, 3, H, W) batch in [0, 1] with the ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def pick_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

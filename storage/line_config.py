@@ -1,0 +1,157 @@
+"""The typed configuration of one product line, loaded from a YAML file under version control.
+
+Flows take a `LineConfig` as their parameter so the Prefect UI shows it and MLflow logs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Bundled line configs live beside the deployments that schedule them.
+LINES_DIR = Path(__file__).resolve().parent.parent / "deployments" / "lines"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ElpvSource(_Strict):
+    """The bundled ELPV solar-cell set with the published anomaly-detection protocol."""
+
+    kind: Literal["elpv"] = "elpv"
+    cell_type: Literal["mono", "poly"] | None = None
+    test_size: float = Field(0.25, gt=0, lt=1)
+    seed: int = 42
+    # Reading only part of the data keeps tests and smoke runs short; None = every image.
+    limit_per_class: int | None = Field(None, ge=1)
+
+
+class MvtecSource(_Strict):
+    """A folder in the MVTec AD layout: train/good, test/<defect>, ground_truth/<defect>/<name>_mask.png."""
+
+    kind: Literal["mvtec"] = "mvtec"
+    root: Path
+
+
+class PatchCoreConfig(_Strict):
+    backbone: Literal["efficientnet-lite0", "efficientnet-lite2", "wide_resnet50_2"] = "efficientnet-lite0"
+    # Local weights file for torchvision backbones (nothing is downloaded at run time).
+    weights_path: Path | None = None
+    # Indices of the backbone blocks whose outputs are the stride-8 and stride-16 features.
+    layers: tuple[int, ...] = (4, 10)
+    neighbourhood: int = Field(3, ge=1)
+    # Reduce concatenated patch features to this many dims (adaptive average pooling); None keeps all.
+    target_dim: int | None = Field(None, ge=1)
+    coreset_ratio: float = Field(0.01, gt=0, le=1)
+    projection_dim: int = Field(128, ge=1)
+    reweight_neighbours: int = Field(9, ge=1)
+    smoothing_sigma: float = Field(4.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class OeSdnConfig(_Strict):
+    image_size: int = Field(128, ge=32)
+    channels: Literal[1, 3] = 1
+    ae_base_width: int = Field(32, ge=4)
+    ae_latent_dim: int = Field(64, ge=1)
+    sdn_base_width: int = Field(64, ge=4)
+    epochs: int = Field(40, ge=1)
+    sdn_epochs: int = Field(40, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    oe_lambda: float = Field(0.5, ge=0, le=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    patience: int = Field(8, ge=1)
+    hflip: bool = True
+    vflip: bool = True
+    seed: int = 0
+
+
+class EvaluationConfig(_Strict):
+    # A threshold from good images only: this percentile of held-out good scores.
+    threshold_percentile: float = Field(99.0, gt=0, lt=100)
+    detectors: tuple[Literal["patchcore", "oesdn", "ae"], ...] = ("patchcore", "oesdn", "ae")
+
+
+class PromotionConfig(_Strict):
+    metric: str = "image_auroc"
+    # The challenger may be worse than the champion by at most this much and still be promoted.
+    tolerance: float = Field(0.005, ge=0)
+
+
+class ScheduleConfig(_Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class LineConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
+    description: str = ""
+    source: ElpvSource | MvtecSource = Field(discriminator="kind")
+    # "fail" stops ingest at the first bad file; "skip" records it in the manifest report and goes on.
+    on_bad_input: Literal["fail", "skip"] = "fail"
+    image_size: int = Field(256, ge=32)
+    patchcore: PatchCoreConfig = PatchCoreConfig()
+    oesdn: OeSdnConfig = OeSdnConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    # Scheduler address of an existing Dask cluster; None = a LocalCluster sized to the machine.
+    dask_address: str | None = None
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, size: int) -> int:
+        if size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (backbone strides), got {size}")
+        return size
+
+
+class LineConfigError(ValueError):
+    """A line name or config file that cannot be used, with the file and the reason."""
+
+
+def bundled_line_files() -> dict[str, Path]:
+    """Configured line name → its YAML file, for the lines kept in the repo."""
+    return {path.stem: path for path in sorted(LINES_DIR.glob("*.yaml"))}
+
+
+def load_line(name_or_path: str | Path) -> LineConfig:
+    """A configured line's name or the path of a line config file → its validated `LineConfig`."""
+    candidate = Path(name_or_path)
+    bundled = bundled_line_files()
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        path = candidate
+    elif str(name_or_path) in bundled:
+        path = bundled[str(name_or_path)]
+    else:
+        known = ", ".join(bundled) or "none"
+        raise LineConfigError(f"unknown product line {name_or_path!r}: not a config file and not one of {known}")
+    if not path.is_file():
+        raise LineConfigError(f"{path}: line config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise LineConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise LineConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    if isinstance(raw.get("source"), dict) and raw["source"].get("kind") == "mvtec":
+        root = Path(raw["source"].get("root", ""))
+        # A relative data root is read from the config file's folder, so configs can travel with data.
+        if not root.is_absolute():
+            raw["source"]["root"] = str((path.parent / root).resolve())
+    try:
+        return LineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise LineConfigError(f"{path}: invalid line config:\n{error}") from error
+
+
+def save_line(config: LineConfig, path: Path) -> Path:
+    """Write `config` as YAML that `load_line` reads back to an equal object."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path

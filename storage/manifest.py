@@ -1,0 +1,92 @@
+"""The manifest: one row per ingested image, plus the report of every file that was skipped."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Split = Literal["train", "test"]
+Label = Literal["good", "anomaly", "ambiguous"]
+
+
+def content_hash(pixels: np.ndarray) -> str:
+    """Identity of an image by its decoded pixels, so a re-encoded copy is still recognised."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    id: str
+    source: str  # a file path, or "elpv:<index>" for the bundled set
+    split: Split
+    label: Label
+    defect_type: str
+    mask: str | None
+    width: int
+    height: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    line: str
+    rows: list[ManifestRow]
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def select(self, split: Split | None = None, label: Label | None = None) -> list[ManifestRow]:
+        """Rows of one split and/or label, in manifest order."""
+        return [row for row in self.rows
+                if (split is None or row.split == split) and (label is None or row.label == label)]
+
+    def counts(self) -> dict[str, int]:
+        """Row counts keyed "<split>/<label>", the numbers a run logs and the summary prints."""
+        counter = Counter(f"{row.split}/{row.label}" for row in self.rows)
+        return dict(sorted(counter.items()))
+
+    def fingerprint(self) -> str:
+        """Changes whenever any image, its split or its label changes; keys feature stores and runs."""
+        digest = hashlib.blake2b(digest_size=16)
+        for row in sorted(self.rows, key=lambda r: r.id):
+            digest.update(f"{row.id}|{row.split}|{row.label}|{row.defect_type}\n".encode())
+        return digest.hexdigest()
+
+    def summary(self) -> str:
+        """A short human-readable table of the manifest."""
+        lines = [f"line {self.line}: {len(self.rows)} images, fingerprint {self.fingerprint()[:12]}"]
+        lines += [f"  {key:<20} {count:>6}" for key, count in self.counts().items()]
+        defects = Counter(row.defect_type for row in self.rows if row.label != "good")
+        if defects:
+            lines.append("  defect types: " + ", ".join(f"{name} {n}" for name, n in sorted(defects.items())))
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} bad files:")
+            lines += [f"    {item.path}: {item.reason}" for item in self.skipped]
+        return "\n".join(lines)
+
+    def write_csv(self, path: Path) -> Path:
+        """Write the rows as CSV (and the skipped files beside it as `<stem>.skipped.csv`)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(ManifestRow)])
+            writer.writeheader()
+            writer.writerows(asdict(row) for row in self.rows)
+        skipped_path = path.with_suffix(".skipped.csv")
+        with skipped_path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "reason"])
+            writer.writeheader()
+            writer.writerows(asdict(item) for item in self.skipped)
+        return path

@@ -1,0 +1,31 @@
+"""Where patchline keeps its state: one data directory, `PATCHLINE_HOME` (default `.patchline/`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Telemetry would try the network, which these machines do not have; each also logs errors when it fails.
+_OFFLINE_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+def patchline_home() -> Path:
+    """The data directory holding Prefect's home, the MLflow store and the feature stores."""
+    home = Path(os.environ.get("PATCHLINE_HOME", REPO_ROOT / ".patchline")).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def configure_environment() -> Path:
+    """Point Prefect at `PATCHLINE_HOME` and turn telemetry off; call before Prefect is imported."""
+    home = patchline_home()
+    for key, value in _OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    return home

@@ -1,0 +1,43 @@
+"""Shared fixtures: real (small) images on disk in the MVTec AD layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Before anything imports Prefect or MLflow: no telemetry, state under a per-session folder.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def write_image(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def textured(seed: int, size: int = 32, rgb: bool = False) -> np.ndarray:
+    """A distinct image per seed (so no two are accidental duplicates)."""
+    rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if rgb else (size, size)
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture
+def mvtec_root(tmp_path: Path) -> Path:
+    """A tiny valid MVTec-layout line: 4 good train images, 2 good + 2 scratch test images with masks."""
+    root = tmp_path / "line"
+    for i in range(4):
+        write_image(root / "train" / "good" / f"{i:03d}.png", textured(i))
+    for i in range(2):
+        write_image(root / "test" / "good" / f"{i:03d}.png", textured(100 + i))
+        write_image(root / "test" / "scratch" / f"{i:03d}.png", textured(200 + i, rgb=True))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[10:20, 5:9] = 255
+        write_image(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
+    return root
