@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from storage.ingest import IngestError, build_manifest  # noqa: E402  (environme
 from storage.line_config import (  # noqa: E402
     ElpvSource, LineConfig, LineConfigError, MvtecSource, bundled_line_files, load_line, save_line)
 from storage.mvtec import MvtecLayoutError  # noqa: E402
+from deployments.services import ServiceError, block_until_one_exits, running_uis  # noqa: E402
 
 app = typer.Typer(help="Nightly anomaly-detection model rebuilds, one per product line.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -87,3 +89,32 @@ def init_line_command(
         _fail(MvtecLayoutError(f"{mvtec_root / 'train' / 'good'}: missing; expected the MVTec AD layout"))
     path = save_line(config, out or Path(f"{name}.yaml"))
     typer.echo(f"wrote {path}; try it with: patchline ingest {path}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # Further Ctrl-C presses must not cut the shutdown short and orphan a server (it is bounded anyway).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@app.command("ui")
+def ui_command(
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect UI and API.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+) -> None:
+    """Start the Prefect and MLflow UIs on 127.0.0.1 with their data under PATCHLINE_HOME; Ctrl-C stops both."""
+    # SIGTERM (`kill`, a service manager) takes the same clean path as Ctrl-C; SIGINT is set explicitly
+    # because a shell that starts us in the background leaves it ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with running_uis(prefect_port, mlflow_port) as uis:
+            typer.echo(f"Prefect UI: {uis.prefect.url}")
+            typer.echo(f"MLflow UI:  {uis.mlflow.url}")
+            typer.echo("Ctrl-C stops both.")
+            block_until_one_exits(uis)
+    except KeyboardInterrupt:
+        typer.echo("Stopped the Prefect and MLflow servers.")
+    except (ValueError, ServiceError) as error:
+        _fail(error)

@@ -41,16 +41,25 @@ class PatchCoreConfig(_Strict):
     backbone: Literal["efficientnet-lite0", "efficientnet-lite2", "wide_resnet50_2"] = "efficientnet-lite0"
     # Local weights file for torchvision backbones (nothing is downloaded at run time).
     weights_path: Path | None = None
-    # Indices of the backbone blocks whose outputs are the stride-8 and stride-16 features.
-    layers: tuple[int, ...] = (4, 10)
+    # Backbone stages whose outputs are concatenated (EfficientNet `_blocks` indices, ResNet `layerN`
+    # numbers), shallow first; None = the backbone's stride-8 and stride-16 stage ends.
+    layers: tuple[int, ...] | None = None
     neighbourhood: int = Field(3, ge=1)
     # Reduce concatenated patch features to this many dims (adaptive average pooling); None keeps all.
     target_dim: int | None = Field(None, ge=1)
     coreset_ratio: float = Field(0.01, gt=0, le=1)
     projection_dim: int = Field(128, ge=1)
-    reweight_neighbours: int = Field(9, ge=1)
+    # Eq. 7 of the PatchCore paper; with 1 neighbour the weight is always 0.
+    reweight_neighbours: int = Field(9, ge=2)
     smoothing_sigma: float = Field(4.0, ge=0)
     batch_size: int = Field(16, ge=1)
+
+    @field_validator("neighbourhood")
+    @classmethod
+    def _odd(cls, size: int) -> int:
+        if size % 2 == 0:
+            raise ValueError(f"neighbourhood must be odd (centred on its patch), got {size}")
+        return size
 
 
 class OeSdnConfig(_Strict):
@@ -69,12 +78,20 @@ class OeSdnConfig(_Strict):
     hflip: bool = True
     vflip: bool = True
     seed: int = 0
+    # Gaussian σ in pixels of the anomaly map, so one noisy pixel does not decide the image score.
+    smoothing_sigma: float = Field(2.0, ge=0)
+    # Image score = mean of the map's top k pixels; None = the map's maximum.
+    score_top_k: int | None = Field(None, ge=1)
 
 
 class EvaluationConfig(_Strict):
+    # Good training images held out of every fit, to calibrate thresholds and fusion on good images only.
+    calibration_fraction: float = Field(0.1, gt=0, lt=0.5)
     # A threshold from good images only: this percentile of held-out good scores.
     threshold_percentile: float = Field(99.0, gt=0, lt=100)
     detectors: tuple[Literal["patchcore", "oesdn", "ae"], ...] = ("patchcore", "oesdn", "ae")
+    # The detector whose decisions the deployed model returns; "auto" = the best image AUROC of the rebuild.
+    decision_detector: Literal["auto", "patchcore", "oesdn", "ae", "fused"] = "auto"
 
 
 class PromotionConfig(_Strict):

@@ -90,3 +90,17 @@ class Manifest:
             writer.writeheader()
             writer.writerows(asdict(item) for item in self.skipped)
         return path
+
+
+def hold_out_calibration(rows: list[ManifestRow], fraction: float, seed: int = 0) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """Good training rows → (fit, calibration): a seeded `fraction` (at least two rows) that no model sees.
+
+    Scores of images a model was fitted on are biased low (PatchCore's bank holds their own patches),
+    so thresholds and fusion statistics come from these held-out good images instead.
+    """
+    if len(rows) < 4:
+        raise ValueError(f"need at least 4 good training images to hold some out for calibration, got {len(rows)}")
+    count = min(len(rows) - 2, max(2, round(len(rows) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(rows))
+    held = set(order[:count].tolist())
+    return ([row for i, row in enumerate(rows) if i not in held], [row for i, row in enumerate(rows) if i in held])

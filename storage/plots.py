@@ -152,14 +152,33 @@ def plot_heatmap_gallery(images: Sequence[np.ndarray], maps: np.ndarray, scores:
                     axes.set_axis_off()
                 continue
             index = int(chosen[group][column])
-            image = np.asarray(images[index])
-            if image.dtype != np.uint8:
-                raise ValueError(f"image {index}: expected uint8 pixels, got {image.dtype}")
-            height, width = image.shape[:2]
-            axes.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
-            axes.imshow(np.asarray(maps[index]), cmap="jet", alpha=0.4, vmin=low, vmax=high,
-                        extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="bilinear")
+            _draw_overlay(axes, images[index], maps[index], low, high, f"image {index}")
             axes.set_title(f"#{index} score {scores[index]:.3g}", fontsize=8)
     figure.suptitle(f"{detector}: threshold {threshold:.4g}")
     figure.tight_layout()
     return _save(figure, Path(out_dir) / f"gallery_{detector}.png")
+
+
+def _draw_overlay(axes, image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float, name: str) -> None:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    height, width = image.shape[:2]
+    axes.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
+    axes.imshow(np.asarray(anomaly_map), cmap="jet", alpha=0.4, vmin=low, vmax=high,
+                extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="bilinear")
+
+
+def save_heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, path: Path) -> Path:
+    """One image with its anomaly map overlaid; the colour scale tops out at twice the threshold so
+    maps of different images compare at a glance (red = well past the decision threshold)."""
+    figure = Figure(figsize=(4, 4.3))
+    axes = figure.subplots()
+    axes.set_axis_off()
+    low = float(np.min(anomaly_map))
+    _draw_overlay(axes, image, anomaly_map, low, max(2 * threshold, low + 1e-6), str(path))
+    axes.set_title(f"max {float(np.max(anomaly_map)):.3g} / threshold {threshold:.3g}", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, Path(path))

@@ -55,7 +55,9 @@ def register_version(client: MlflowClient, line: str, model_uri: str, run_id: st
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=f"patchline anomaly detector for product line {line}")
-    version = client.create_model_version(name, model_uri, run_id=run_id)
+    # A retried task must not register the same run twice.
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    version = existing[0] if existing else client.create_model_version(name, model_uri, run_id=run_id)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
 

@@ -1,0 +1,202 @@
+"""The Prefect and MLflow servers behind `patchline ui`, run as child processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from storage.paths import patchline_home
+from storage.tracking import artifact_root, tracking_uri
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+_BIN = Path(sys.executable).parent
+_LOG_TAIL_LINES = 20
+
+
+class ServiceError(RuntimeError):
+    """A server exited or did not become healthy."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    url: str
+    health_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+@dataclass(frozen=True)
+class RunningUis:
+    prefect: Service
+    mlflow: Service
+
+    @property
+    def services(self) -> tuple[Service, Service]:
+        return self.prefect, self.mlflow
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port` (a socket merely in TIME_WAIT does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # The servers bind with SO_REUSEADDR too, so only a live listener stops them, as it stops this.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def _log_tail(path: Path) -> str:
+    lines = path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
+    return "\n".join("    " + line for line in lines)
+
+
+def _launch(name: str, argv: list[str], env: dict[str, str], port: int, health_path: str) -> Service:
+    logs = patchline_home() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{name.lower().replace(' ', '-')}.log"
+    with log_path.open("w") as log:
+        # A new session: terminal Ctrl-C reaches only `patchline ui`, which then stops the servers in
+        # order, and the whole process group (MLflow's uvicorn child included) can be signalled.
+        # cwd is the data directory so stray defaults (./mlruns, ./mlartifacts) land there.
+        process = subprocess.Popen(argv, env={**os.environ, **env}, cwd=patchline_home(),
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://{HOST}:{port}"
+    logger.info("started %s (pid %d), log: %s", name, process.pid, log_path)
+    return Service(name, url, url + health_path, process, log_path)
+
+
+def start_prefect_server(port: int) -> Service:
+    """`prefect server start` with its database under `PATCHLINE_HOME/prefect`; not yet healthy."""
+    env = {"PREFECT_HOME": str(patchline_home() / "prefect"),
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    argv = [str(_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
+    return _launch("Prefect server", argv, env, port, "/api/health")
+
+
+def start_mlflow_server(port: int) -> Service:
+    """`mlflow server` on the patchline tracking store, one worker; not yet healthy."""
+    store = tracking_uri()
+    if store.startswith(("http://", "https://")):
+        raise ValueError(f"MLFLOW_TRACKING_URI={store} names a remote server; `patchline ui` starts an "
+                         "MLflow UI only for a local store: unset MLFLOW_TRACKING_URI or open that server's UI")
+    artifacts = artifact_root()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    # The defaults start ~15 processes and ~3 GB; one worker and no job runner need ~0.5 GB.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    argv = [str(_BIN / "mlflow"), "server", "--backend-store-uri", store,
+            "--default-artifact-root", artifacts.as_uri(), "--host", HOST, "--port", str(port),
+            "--workers", "1"]
+    return _launch("MLflow server", argv, env, port, "/health")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_until_healthy(services: tuple[Service, ...], timeout_s: float) -> None:
+    """Poll each health URL until it answers 200; `ServiceError` naming the log if one exits or times out."""
+    pending = list(services)
+    began = time.monotonic()
+    deadline = began + timeout_s
+    while pending:
+        for service in list(pending):
+            code = service.process.poll()
+            if code is not None:
+                raise ServiceError(f"{service.name} exited with code {code} while starting; "
+                                   f"see {service.log_path}:\n{_log_tail(service.log_path)}")
+            if _answers(service.health_url):
+                logger.info("%s healthy after %.1f s", service.name, time.monotonic() - began)
+                pending.remove(service)
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(f"{s.name} ({s.health_url}; log {s.log_path})" for s in pending)
+            raise ServiceError(f"not healthy after {timeout_s:.0f} s: {names}")
+        if pending:
+            time.sleep(0.5)
+
+
+def _signal_group(service: Service, signum: int) -> None:
+    try:
+        os.killpg(service.process.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(service: Service) -> bool:
+    try:
+        os.killpg(service.process.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_services(services: tuple[Service, ...], grace_s: float = 15.0) -> None:
+    """SIGTERM every server's process group, then SIGKILL what is still there after `grace_s`."""
+    for service in services:
+        _signal_group(service, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for service in services:
+        try:
+            service.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            logger.warning("%s ignored SIGTERM for %.0f s; killing it", service.name, grace_s)
+            _signal_group(service, signal.SIGKILL)
+            service.process.wait()
+        # A child can outlive its parent by a moment (MLflow's uvicorn worker).
+        while _group_alive(service) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _signal_group(service, signal.SIGKILL)
+        logger.info("stopped %s (exit code %s)", service.name, service.process.returncode)
+
+
+@contextmanager
+def running_uis(prefect_port: int = 4200, mlflow_port: int = 5000,
+                timeout_s: float = 180.0) -> Iterator[RunningUis]:
+    """Both servers started and healthy inside the block, both stopped when it exits (however it exits)."""
+    if prefect_port == mlflow_port:
+        raise ValueError(f"the Prefect and MLflow ports are both {prefect_port}; give them different ports")
+    for name, port in (("Prefect", prefect_port), ("MLflow", mlflow_port)):
+        if port_in_use(port):
+            raise ValueError(f"{name} port {port}: {HOST}:{port} is already in use "
+                             "(a server still running?); stop it or choose another port")
+    started: list[Service] = []
+    try:
+        # MLflow first: its store check can refuse to start, and then nothing needs stopping.
+        started.append(mlflow := start_mlflow_server(mlflow_port))
+        started.append(prefect := start_prefect_server(prefect_port))
+        wait_until_healthy(tuple(started), timeout_s)
+        yield RunningUis(prefect, mlflow)
+    finally:
+        stop_services(tuple(started))
+
+
+def block_until_one_exits(uis: RunningUis, poll_s: float = 1.0) -> NoReturn:
+    """Block while both servers run; `ServiceError` naming the first that exits and its log."""
+    while True:
+        for service in uis.services:
+            code = service.process.poll()
+            if code is not None:
+                raise ServiceError(f"{service.name} exited with code {code}; "
+                                   f"see {service.log_path}:\n{_log_tail(service.log_path)}")
+        time.sleep(poll_s)

@@ -1,0 +1,34 @@
+"""The nightly fan-out: every configured line (or the ones named) rebuilt as its own subflow."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed, State
+
+from flows.rebuild import rebuild_product_line
+from storage.line_config import LineConfigError, bundled_line_files, load_line
+
+
+@flow(name="nightly")
+def nightly(lines: list[str] | None = None) -> State:
+    """Rebuild each line in turn; one line's failure does not stop the others, and the final state names it."""
+    log = get_run_logger()
+    names = lines or list(bundled_line_files())
+    results, failed = {}, {}
+    for name in names:
+        try:
+            config = load_line(name)
+        except LineConfigError as error:
+            failed[name] = str(error)
+            log.error("line %s: %s", name, error)
+            continue
+        state = rebuild_product_line(config, return_state=True)
+        if state.is_completed():
+            results[name] = state.result()
+        else:
+            failed[name] = state.message or state.type.value
+            log.error("line %s failed: %s", name, failed[name])
+    summary = {"rebuilt": results, "failed": failed}
+    if failed:
+        return Failed(message=f"{len(failed)} of {len(names)} lines failed: {', '.join(failed)}", data=summary)
+    return Completed(message=f"all {len(names)} lines rebuilt", data=summary)

@@ -1,0 +1,415 @@
+"""Greedy k-center (minimax facility location) coresets: exact on one device, or partitioned over Dask.
+
+The greedy ("farthest first", Gonzalez 1985) picks, at each step, the row farthest from every row
+picked so far; after k picks every row lies within the returned radius of a picked row, at most twice
+the best radius any k rows can achieve. As in PatchCore (Roth et al. 2022, sec. 3.2) distances are
+taken after a seeded Johnson-Lindenstrauss projection. `Coreset.radius` is measured in that
+projected space (`project_features` gives it), where the selection was made.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from models.images import pick_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROJECTION_DIM = 128
+# Every chunked distance computation holds at most this many row-to-centre distances at once.
+_TILE = 1 << 22
+_PROJECTION_ROWS = 1 << 16
+# Coverage checks screen candidates in this few dimensions before measuring exact distances.
+_SCREEN_DIM = 32
+
+
+@dataclass(frozen=True)
+class Coreset:
+    """Selected row indices (int64, into the full array, in pick order) and the coverage radius achieved."""
+
+    indices: np.ndarray
+    radius: float
+
+
+def coreset_size(n_rows: int, ratio: float) -> int:
+    """How many of `n_rows` rows a coreset of `ratio` keeps (at least one)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"coreset ratio must be in (0, 1], got {ratio}")
+    if n_rows < 1:
+        raise ValueError(f"cannot take a coreset of {n_rows} rows")
+    return max(1, min(n_rows, round(n_rows * ratio)))
+
+
+def jl_matrix(in_dim: int, out_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0) -> np.ndarray | None:
+    """Seeded Gaussian projection (in_dim, out_dim) preserving distances in expectation; None if in_dim <= out_dim."""
+    if out_dim < 1:
+        raise ValueError(f"projection dim must be >= 1, got {out_dim}")
+    if in_dim <= out_dim:
+        return None
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((in_dim, out_dim)) / math.sqrt(out_dim)).astype(np.float32)
+
+
+def project_features(features: np.ndarray | torch.Tensor, projection_dim: int = DEFAULT_PROJECTION_DIM,
+                     seed: int = 0) -> np.ndarray:
+    """The rows (n, D) as the greedy sees them: float32 (n, min(D, projection_dim))."""
+    _check_rows(features, "features")
+    columns = _projected_columns(features, jl_matrix(features.shape[1], projection_dim, seed), torch.device("cpu"))
+    return columns.T.contiguous().numpy()
+
+
+def greedy_coreset(features: np.ndarray | torch.Tensor, size: int, *, projection_dim: int = DEFAULT_PROJECTION_DIM,
+                   seed: int = 0, device: torch.device | None = None) -> Coreset:
+    """Exact greedy k-center of `size` rows of `features` (n, D) on one device (GPU when present).
+
+    The first pick is a seeded random row; each later pick is the row farthest from all earlier picks.
+    Memory: the projected rows plus a few vectors of length n, never an n x n or n x D temporary.
+    """
+    _check_rows(features, "features")
+    _check_size(size, len(features))
+    device = device or pick_device()
+    columns = _projected_columns(features, jl_matrix(features.shape[1], projection_dim, seed), device)
+    first = int(np.random.default_rng(seed).integers(len(features)))
+    picks, _, nearest_sq = _farthest_first(columns, size, first, progress=True)
+    return Coreset(indices=picks.cpu().numpy().astype(np.int64), radius=math.sqrt(float(nearest_sq.max())))
+
+
+def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = DEFAULT_PROJECTION_DIM,
+                        seed: int = 0, partitions: int | None = None, oversample: float = 1.5) -> Coreset:
+    """Greedy k-center of `size` rows of a row-chunked Dask array (n, D), in parallel on the active Dask scheduler.
+
+    Rows are projected block by block and routed to the nearest of `partitions` pivot rows, so each
+    partition is a region of feature space. Every partition runs its own greedy in parallel for about
+    `oversample` times its share of picks and records how far each pick was from the earlier ones; the
+    `size` picks with the largest such distances over all partitions are kept (a prefix of each
+    partition's sequence: what one greedy over regions that do not interact would pick), and a
+    partition whose own rows are still farther than that cut reruns with twice the steps. A last pass
+    over all rows measures the true radius against every kept row. Runs on whatever scheduler is
+    active: open a distributed client (storage.dask_cluster.dask_client) to use a cluster.
+    """
+    if not isinstance(features, da.Array) or features.ndim != 2:
+        raise ValueError(f"features must be a 2-D dask array (rows, dim), got {type(features).__name__} "
+                         f"with shape {getattr(features, 'shape', None)}")
+    n, dim = features.shape
+    if math.isnan(n) or n < 1:
+        raise ValueError(f"features must have a known, positive number of rows, got {n}")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise ValueError(f"features must be floating point, got {features.dtype}")
+    _check_size(size, n)
+    if oversample < 1:
+        raise ValueError(f"oversample must be >= 1, got {oversample}")
+    if partitions is not None and partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    n_parts = min(partitions or default_partitions(n), size, n)
+    started = time.perf_counter()
+    matrix = jl_matrix(dim, projection_dim, seed)
+    features = features.rechunk({1: -1})
+    starts = np.concatenate([[0], np.cumsum(features.chunks[0])]).astype(np.int64)
+    blocks = list(features.to_delayed().ravel())
+
+    pivots = _sample_pivots(starts, blocks, matrix, n_parts, np.random.default_rng(seed))
+    routed = [dask.delayed(_route_block, nout=n_parts, pure=True)(block, int(start), matrix, pivots)
+              for block, start in zip(blocks, starts[:-1])]
+    parts = dask.persist(*[dask.delayed(_join_pieces, pure=True)([pieces[j] for pieces in routed])
+                           for j in range(n_parts)])
+    parts, part_rows = _balanced(list(parts), n / n_parts, seed)
+    log.info("dask coreset: %d rows routed to %d partitions of %d..%d rows in %.1f s",
+             n, len(parts), min(part_rows), max(part_rows), time.perf_counter() - started)
+
+    steps = {j: min(rows, math.ceil(oversample * size * rows / n)) for j, rows in enumerate(part_rows)}
+    traces: list[_Trace | None] = [None] * len(parts)
+    while steps:
+        results = dask.compute(*[dask.delayed(_partition_greedy, pure=True)(parts[j], more, seed, j, traces[j])
+                                 for j, more in steps.items()])
+        for j, trace in zip(steps, results):
+            traces[j] = trace
+        counts, cut_sq = _merge_traces(traces, size)
+        # A partition whose own rows are still farther than the cut would contribute more picks: it
+        # continues for as many steps again as it has taken.
+        steps = {j: min(part_rows[j], 2 * len(trace.local)) - len(trace.local) for j, trace in enumerate(traces)
+                 if trace.final_sq > cut_sq and len(trace.local) < part_rows[j]}
+        if steps:
+            log.info("dask coreset: %d partitions need more picks, continuing them", len(steps))
+
+    log.info("dask coreset: kept %d picks down to gap %.4f at %.1f s; measuring coverage",
+             size, math.sqrt(cut_sq), time.perf_counter() - started)
+    kept = [trace.local[:count] for trace, count in zip(traces, counts)]
+    centres = dask.delayed(np.concatenate)([dask.delayed(_take_rows, pure=True)(part, local)
+                                            for part, local in zip(parts, kept)])
+    radii_sq, rows = dask.compute([dask.delayed(_partition_radius_sq, pure=True)(part, local, centres)
+                                   for part, local in zip(parts, kept)],
+                                  [dask.delayed(_global_rows, pure=True)(part, local) for part, local in zip(parts, kept)])
+    gaps_sq = np.concatenate([trace.gaps_sq[:count] for trace, count in zip(traces, counts)])
+    indices = np.concatenate(rows)[np.argsort(-gaps_sq, kind="stable")]
+    log.info("dask coreset: radius %.4f, done in %.1f s", math.sqrt(max(radii_sq)), time.perf_counter() - started)
+    return Coreset(indices=indices.astype(np.int64), radius=math.sqrt(max(radii_sq)))
+
+
+def default_partitions(n_rows: int) -> int:
+    """Partitions for `n_rows`: about 8,000 rows each, so a partition's greedy runs in cache."""
+    return max(1, min(256, round(n_rows / 8192)))
+
+
+def coverage_radius(features: np.ndarray | torch.Tensor, indices: Sequence[int] | np.ndarray,
+                    device: torch.device | None = None) -> float:
+    """Max over rows of `features` (n, D) of the Euclidean distance to the nearest row in `indices`, exactly.
+
+    Each row gets an upper bound from the candidate nearest in a cheap low-dimensional screen; exact
+    distances are then computed only for rows, largest bound first, until no bound exceeds the
+    largest exact distance found.
+    """
+    _check_rows(features, "features")
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.ndim != 1 or len(indices) == 0:
+        raise ValueError(f"indices must be a non-empty 1-D list of rows, got shape {indices.shape}")
+    if indices.min() < 0 or indices.max() >= len(features):
+        raise ValueError(f"indices must lie in [0, {len(features)}), got {indices.min()}..{indices.max()}")
+    device = device or pick_device()
+    rows = _projected_columns(features, None, device).T
+    centres = rows[torch.from_numpy(indices).to(device)]
+    screen = jl_matrix(rows.shape[1], _SCREEN_DIM, seed=0)
+    screen = None if screen is None else torch.from_numpy(screen).to(device)
+    nearest = _nearest_centre(rows if screen is None else rows @ screen,
+                              centres if screen is None else centres @ screen)
+    bounds_sq = torch.cat([(rows[s:s + _PROJECTION_ROWS] - centres[nearest[s:s + _PROJECTION_ROWS]]).square().sum(1)
+                           for s in range(0, len(rows), _PROJECTION_ROWS)])
+    return math.sqrt(_max_min_sq(rows, centres, bounds_sq))
+
+
+@dataclass(frozen=True)
+class _Trace:
+    """One partition's greedy so far: local picks, squared distance of each pick to the earlier ones when
+    taken, and every row's squared distance to its nearest pick (to continue from)."""
+
+    local: np.ndarray
+    gaps_sq: np.ndarray
+    nearest_sq: np.ndarray
+
+    @property
+    def final_sq(self) -> float:
+        return float(self.nearest_sq.max())
+
+
+def _check_rows(features: object, name: str) -> None:
+    shape = getattr(features, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+        raise ValueError(f"{name} must be a non-empty 2-D array (rows, dim), got shape {shape}")
+
+
+def _check_size(size: int, n_rows: int) -> None:
+    if not 1 <= size <= n_rows:
+        raise ValueError(f"coreset size must be in [1, {n_rows}] (the number of rows), got {size}")
+
+
+def _projected_columns(features: np.ndarray | torch.Tensor, matrix: np.ndarray | None,
+                       device: torch.device) -> torch.Tensor:
+    """(n, D) rows, projected chunk by chunk, as a float32 (d, n) tensor: a pick's distances to all rows
+    are then one vector-matrix product over contiguous memory."""
+    n = features.shape[0]
+    weights = None if matrix is None else torch.from_numpy(matrix).to(device)
+    out_dim = features.shape[1] if matrix is None else matrix.shape[1]
+    columns = torch.empty((out_dim, n), dtype=torch.float32, device=device)
+    for start in range(0, n, _PROJECTION_ROWS):
+        chunk = torch.as_tensor(np.asarray(features[start:start + _PROJECTION_ROWS])
+                                if not isinstance(features, torch.Tensor) else features[start:start + _PROJECTION_ROWS])
+        if not (chunk.is_floating_point()):
+            raise ValueError(f"features must be floating point, got {chunk.dtype}")
+        chunk = chunk.to(device=device, dtype=torch.float32)
+        projected = chunk if weights is None else chunk @ weights
+        # NaN and infinity survive a Gaussian projection, so checking the narrower rows is enough.
+        if not torch.isfinite(projected).all():
+            raise ValueError(f"features rows {start}..{start + len(chunk) - 1} contain NaN or infinite values")
+        columns[:, start:start + len(chunk)] = projected.T
+    return columns
+
+
+def _farthest_first(columns: torch.Tensor, steps: int, first: int, nearest_sq: torch.Tensor | None = None,
+                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy on (d, n) columns: (picks (steps,), squared gap of each pick when taken, squared distance of
+    every column to its nearest pick). Starts at column `first`, or continues from an earlier `nearest_sq`.
+
+    The squared distance to each new pick is |x|^2 - 2 x.c + |c|^2, one vector-matrix product, folded
+    into the running minimum: O(n d) per step and no per-step (n, d) temporary. Indices stay on the
+    device, so a GPU never waits on the host inside the loop.
+    """
+    n = columns.shape[1]
+    device = columns.device
+    norms = columns.square().sum(0)
+    if nearest_sq is None:
+        nearest_sq = torch.full((n,), math.inf, device=device)
+        pick = torch.tensor(first, device=device)
+    else:
+        nearest_sq = nearest_sq.clone()
+        pick = torch.argmax(nearest_sq)
+    picks = torch.empty(steps, dtype=torch.long, device=device)
+    gaps_sq = torch.empty(steps, device=device)
+    for step in tqdm(range(steps), desc="greedy coreset", unit="pick", disable=None if progress else True,
+                     mininterval=2.0):
+        picks[step] = pick
+        gaps_sq[step] = nearest_sq[pick]
+        distance_sq = (columns[:, pick] * -2.0) @ columns
+        distance_sq.add_(norms).add_(norms[pick])
+        torch.minimum(nearest_sq, distance_sq, out=nearest_sq)
+        pick = torch.argmax(nearest_sq)
+    return picks, gaps_sq.clamp_(min=0.0), nearest_sq.clamp_(min=0.0)
+
+
+def _nearest_centre(rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centre for every row, in tiles of bounded size."""
+    tile = max(1, _TILE // len(centres))
+    centre_norms = centres.square().sum(1)
+    return torch.cat([torch.addmm(centre_norms.unsqueeze(0), rows[s:s + tile], centres.T, alpha=-2.0).argmin(1)
+                      for s in range(0, len(rows), tile)])
+
+
+def _min_sq(rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Squared distance from every row to its nearest centre, in tiles of bounded size."""
+    tile = max(1, _TILE // len(centres))
+    centre_norms = centres.square().sum(1)
+    out = []
+    for s in range(0, len(rows), tile):
+        block = rows[s:s + tile]
+        cross = torch.addmm(centre_norms.unsqueeze(0), block, centres.T, alpha=-2.0)
+        out.append((cross.min(1).values + block.square().sum(1)).clamp_(min=0.0))
+    return torch.cat(out)
+
+
+def _max_min_sq(rows: torch.Tensor, centres: torch.Tensor, bounds_sq: torch.Tensor) -> float:
+    """Max over rows of the squared distance to the nearest centre, given an upper bound per row.
+
+    Rows are measured exactly in order of decreasing bound; once the next bound is no larger than the
+    largest exact value, no remaining row can exceed it.
+    """
+    order = torch.argsort(bounds_sq, descending=True)
+    tile = max(256, _TILE // len(centres))
+    best = 0.0
+    for start in range(0, len(order), tile):
+        if float(bounds_sq[order[start]]) <= best:
+            break
+        best = max(best, float(_min_sq(rows[order[start:start + tile]], centres).max()))
+    return best
+
+
+def _sample_pivots(starts: np.ndarray, blocks: list, matrix: np.ndarray | None,
+                   count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` distinct projected rows drawn from a few random blocks (at least four, and 16 rows per pivot)."""
+    chosen, rows = [], 0
+    for block in rng.permutation(len(blocks)):
+        if rows >= 16 * count and len(chosen) >= 4:
+            break
+        chosen.append(int(block))
+        rows += int(starts[block + 1] - starts[block])
+    projected = np.concatenate(dask.compute(*[dask.delayed(_project_block, pure=True)(blocks[b], matrix)
+                                              for b in sorted(chosen)]))
+    return projected[rng.choice(len(projected), size=min(count, len(projected)), replace=False)]
+
+
+def _project_block(block: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    rows = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+    projected = rows if matrix is None else rows @ torch.from_numpy(matrix)
+    # NaN and infinity survive a Gaussian projection, so checking the narrower rows is enough.
+    if not torch.isfinite(projected).all():
+        raise ValueError("features contain NaN or infinite values")
+    return projected.numpy()
+
+
+def _route_block(block: np.ndarray, start: int, matrix: np.ndarray | None,
+                 pivots: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Project one block and split its rows by nearest pivot: per pivot, (projected rows, global row numbers)."""
+    projected = _project_block(block, matrix)
+    labels = _nearest_centre(torch.from_numpy(projected), torch.from_numpy(pivots)).numpy()
+    numbers = np.arange(start, start + len(projected), dtype=np.int64)
+    return tuple((projected[labels == j], numbers[labels == j]) for j in range(len(pivots)))
+
+
+def _join_pieces(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([rows for rows, _ in pieces]), np.concatenate([numbers for _, numbers in pieces])
+
+
+def _balanced(parts: list, target_rows: float, seed: int) -> tuple[list, list[int]]:
+    """Persisted partitions with no empty ones and none over twice `target_rows`, and their row counts.
+
+    Pivots drawn at random land in dense regions more often, but a broad cluster can still gather
+    many rows around one pivot; since a partition's work grows with its rows squared, such a partition
+    is split again around pivots of its own.
+    """
+    parts, rows = _non_empty(parts)
+    for level in range(3):
+        if max(rows) <= 2 * target_rows:
+            break
+        split = []
+        for j, (part, count) in enumerate(zip(parts, rows)):
+            if count <= 2 * target_rows:
+                split.append(part)
+            else:
+                pieces = math.ceil(count / target_rows)
+                split.extend(dask.delayed(_split_partition, nout=pieces, pure=True)(part, pieces, seed + 1000 * level + j))
+        parts, rows = _non_empty(list(dask.persist(*split)))
+    return parts, rows
+
+
+def _non_empty(parts: list) -> tuple[list, list[int]]:
+    rows = dask.compute(*[dask.delayed(_row_count, pure=True)(part) for part in parts])
+    return [part for part, count in zip(parts, rows) if count], [count for count in rows if count]
+
+
+def _split_partition(part: tuple[np.ndarray, np.ndarray], pieces: int,
+                     seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    rows, numbers = part
+    pivots = rows[np.random.default_rng(seed).choice(len(rows), size=pieces, replace=False)]
+    labels = _nearest_centre(torch.from_numpy(rows), torch.from_numpy(pivots)).numpy()
+    return tuple((rows[labels == j], numbers[labels == j]) for j in range(pieces))
+
+
+def _row_count(part: tuple[np.ndarray, np.ndarray]) -> int:
+    return len(part[1])
+
+
+def _partition_greedy(part: tuple[np.ndarray, np.ndarray], steps: int, seed: int, index: int,
+                      earlier: _Trace | None) -> _Trace:
+    """`steps` greedy picks in one partition, from a seeded random row or continuing `earlier`."""
+    columns = torch.from_numpy(part[0]).T.contiguous()
+    first = int(np.random.default_rng((seed, index)).integers(columns.shape[1]))
+    picks, gaps_sq, nearest_sq = _farthest_first(
+        columns, steps, first, None if earlier is None else torch.from_numpy(earlier.nearest_sq))
+    if earlier is None:
+        return _Trace(local=picks.numpy(), gaps_sq=gaps_sq.numpy(), nearest_sq=nearest_sq.numpy())
+    return _Trace(local=np.concatenate([earlier.local, picks.numpy()]),
+                  gaps_sq=np.concatenate([earlier.gaps_sq, gaps_sq.numpy()]), nearest_sq=nearest_sq.numpy())
+
+
+def _merge_traces(traces: Sequence[_Trace], size: int) -> tuple[list[int], float]:
+    """How many leading picks of each partition to keep so the `size` largest gaps are kept, and the cut."""
+    gaps = np.concatenate([trace.gaps_sq for trace in traces])
+    owner = np.concatenate([np.full(len(trace.gaps_sq), j) for j, trace in enumerate(traces)])
+    position = np.concatenate([np.arange(len(trace.gaps_sq)) for trace in traces])
+    # Ties go to earlier picks, so what is kept of each partition is a prefix of its greedy sequence.
+    kept = np.lexsort((position, -gaps))[:size]
+    counts = np.bincount(owner[kept], minlength=len(traces)).tolist()
+    return counts, float(gaps[kept[-1]])
+
+
+def _take_rows(part: tuple[np.ndarray, np.ndarray], local: np.ndarray) -> np.ndarray:
+    return part[0][local]
+
+
+def _global_rows(part: tuple[np.ndarray, np.ndarray], local: np.ndarray) -> np.ndarray:
+    return part[1][local]
+
+
+def _partition_radius_sq(part: tuple[np.ndarray, np.ndarray], local: np.ndarray, centres: np.ndarray) -> float:
+    """Largest squared distance from a row of this partition to any kept row, bounded first by its own picks."""
+    rows = torch.from_numpy(part[0])
+    own = rows[torch.from_numpy(local)]
+    bounds_sq = _min_sq(rows, own) if len(own) else torch.full((len(rows),), math.inf)
+    return _max_min_sq(rows, torch.from_numpy(centres), bounds_sq)

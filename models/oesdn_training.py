@@ -1,0 +1,168 @@
+"""Training OE-SDN (Chung et al. 2020): the autoencoder on good images, then the SDN against the frozen AE.
+
+Stage 1 minimises d(x, AE(x)); stage 2 minimises J = (1 − λ)·d(SDN(x), AE(x)) + λ·d(x_rot, SDN(x_rot)),
+with d = DSSIM + MSE and x_rot each image turned by 90°, 180° or 270°. λ = 0 gives the plain SDN baseline.
+Both stages hold out a slice of the good images for early stopping and return the best epoch's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from models.autoencoder import ConvAutoencoder
+from models.images import images_to_tensor, pick_device
+from models.sdn import StyleDistillationNetwork
+from models.ssim import dssim_mse
+from storage.line_config import OeSdnConfig
+
+logger = logging.getLogger(__name__)
+
+History = dict[str, list[float]]
+# The loss of one batch: named parts, "loss" being the one to minimise.
+BatchLoss = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+
+
+def rotate_batch(batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (C, S, S) image turned by k·90°, k drawn from {1, 2, 3} per image → (rotated batch, k per image)."""
+    if batch.ndim != 4 or batch.shape[-1] != batch.shape[-2]:
+        raise ValueError(f"rotate_batch needs a (N, C, S, S) batch of square images, got {tuple(batch.shape)}")
+    turns = torch.randint(1, 4, (len(batch),), generator=generator)
+    rotated = batch.clone()
+    for k in (1, 2, 3):
+        chosen = (turns == k).to(batch.device)
+        rotated[chosen] = torch.rot90(batch[chosen], k, dims=(2, 3))
+    return rotated, turns
+
+
+def train_autoencoder(images: Sequence[np.ndarray], config: OeSdnConfig,
+                      device: torch.device | None = None) -> tuple[ConvAutoencoder, History]:
+    """Uint8 good images → the trained autoencoder (eval mode, on `device`) and its per-epoch losses."""
+    device = device or pick_device()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = ConvAutoencoder(config.channels, config.ae_base_width, config.ae_latent_dim, config.image_size)
+
+    def batch_loss(batch: torch.Tensor, _: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"loss": dssim_mse(model(batch), batch)}
+
+    history = _fit(model, batch_loss, _as_batch(images, config), config, config.epochs, device, "autoencoder")
+    return model, history
+
+
+def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config: OeSdnConfig,
+              oe_lambda: float | None = None,
+              device: torch.device | None = None) -> tuple[StyleDistillationNetwork, History]:
+    """Uint8 good images and the trained AE → the SDN (eval mode, on `device`) and its per-epoch losses.
+
+    `oe_lambda` overrides `config.oe_lambda`; 0 trains the SDN without outlier exposure.
+    """
+    oe_lambda = config.oe_lambda if oe_lambda is None else oe_lambda
+    if not 0.0 <= oe_lambda <= 1.0:
+        raise ValueError(f"oe_lambda must lie in [0, 1], got {oe_lambda}")
+    device = device or pick_device()
+    autoencoder = autoencoder.to(device).eval().requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        model = StyleDistillationNetwork(config.channels, config.sdn_base_width, config.image_size)
+
+    def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            target = autoencoder(batch)
+        if oe_lambda == 0.0:
+            kd = dssim_mse(model(batch), target)
+            return {"loss": kd, "kd": kd}
+        rotated, _ = rotate_batch(batch, generator)
+        # One pass over both halves keeps the two terms on the same weights and halves the overhead.
+        distilled, passed = model(torch.cat([batch, rotated])).chunk(2)
+        kd, oer = dssim_mse(distilled, target), dssim_mse(passed, rotated)
+        return {"loss": (1 - oe_lambda) * kd + oe_lambda * oer, "kd": kd, "oer": oer}
+
+    label = "oe-sdn" if oe_lambda else "sdn"
+    history = _fit(model, batch_loss, _as_batch(images, config), config, config.sdn_epochs, device, label)
+    return model, history
+
+
+def _as_batch(images: Sequence[np.ndarray], config: OeSdnConfig) -> torch.Tensor:
+    if len(images) < 2:
+        raise ValueError(f"OE-SDN training needs at least 2 good images, got {len(images)}")
+    return images_to_tensor(images, config.image_size, config.channels)
+
+
+def _augment(batch: torch.Tensor, config: OeSdnConfig, generator: torch.Generator) -> torch.Tensor:
+    batch = batch.clone()
+    for enabled, dim in ((config.hflip, 3), (config.vflip, 2)):
+        if enabled:
+            flip = (torch.rand(len(batch), generator=generator) < 0.5).to(batch.device)
+            batch[flip] = batch[flip].flip(dim)
+    return batch
+
+
+def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: OeSdnConfig,
+         epochs: int, device: torch.device, label: str) -> History:
+    """Adam on `batch_loss` with early stopping on a held-out slice; leaves the best weights in `model`."""
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(data), generator=generator)
+    held_out = min(len(data) - 1, round(len(data) * config.val_fraction)) if config.val_fraction else 0
+    train, val = data[order[held_out:]], data[order[:held_out]]
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # bfloat16 autocast needs no gradient scaler; CPU stays in float32, where it is faster.
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    history: History = {}
+    best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
+    for epoch in tqdm(range(epochs), desc=f"train {label}", disable=None):
+        model.train()
+        sums: dict[str, float] = {}
+        shuffled = train[torch.randperm(len(train), generator=generator)]
+        for start in range(0, len(train), config.batch_size):
+            batch = _augment(shuffled[start:start + config.batch_size], config, generator).to(device)
+            with autocast():
+                parts = batch_loss(batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            optimizer.step()
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * len(batch)
+        for name, total in sums.items():
+            history.setdefault(f"train_{name}", []).append(total / len(train))
+        if not len(val):
+            logger.info("%s epoch %d: train %.4f", label, epoch + 1, history["train_loss"][-1])
+            continue
+        val_parts = _evaluate(model, batch_loss, val, config.batch_size, device, config.seed, autocast)
+        for name, value in val_parts.items():
+            history.setdefault(f"val_{name}", []).append(value)
+        logger.info("%s epoch %d: train %.4f, val %.4f", label, epoch + 1,
+                    history["train_loss"][-1], val_parts["loss"])
+        if val_parts["loss"] < best_loss:
+            best_loss, best_state, stale = val_parts["loss"], copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                logger.info("%s: stopping early after epoch %d, best val %.4f", label, epoch + 1, best_loss)
+                break
+    if len(val):
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
+def _evaluate(model: nn.Module, batch_loss: BatchLoss, val: torch.Tensor, batch_size: int,
+              device: torch.device, seed: int, autocast: Callable) -> dict[str, float]:
+    """Mean loss parts on the held-out images, with the same rotations every epoch so epochs compare."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    with torch.no_grad(), autocast():
+        for start in range(0, len(val), batch_size):
+            batch = val[start:start + batch_size].to(device)
+            for name, value in batch_loss(batch, generator).items():
+                sums[name] = sums.get(name, 0.0) + value.item() * len(batch)
+    return {name: total / len(val) for name, total in sums.items()}

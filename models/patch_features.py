@@ -1,0 +1,59 @@
+"""Locally aware patch features (PatchCore, Roth et al. CVPR 2022, section 3.1).
+
+Each tapped stage's map is averaged over a `neighbourhood` x `neighbourhood` window (stride 1), the
+coarser maps are upsampled bilinearly to the finest (stride-8) grid, and the maps are concatenated;
+optionally the channel axis is then adaptive-average-pooled to `target_dim`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from models.backbones import build_backbone
+from models.images import images_to_tensor, pick_device
+from storage.line_config import PatchCoreConfig
+
+
+class PatchFeatureExtractor:
+    """One backbone at one image size → (N, H*W, D) float32 patch features on the `grid` (H, W)."""
+
+    def __init__(self, config: PatchCoreConfig, image_size: int, device: torch.device | None = None) -> None:
+        self.config = config
+        self.image_size = image_size
+        self.backbone = build_backbone(config.backbone, image_size, config.layers, config.weights_path,
+                                       device or pick_device())
+        stride = self.backbone.strides[0]
+        self.grid: tuple[int, int] = (image_size // stride, image_size // stride)
+        channels = sum(self.backbone.channels)
+        if config.target_dim is not None and config.target_dim > channels:
+            raise ValueError(f"target_dim {config.target_dim} exceeds the {channels} channels of "
+                             f"{config.backbone} layers {self.backbone.taps}; it can only reduce")
+        self.dim: int = config.target_dim or channels
+
+    def extract(self, batch: torch.Tensor) -> np.ndarray:
+        """(N, 3, S, S) float batch in [0, 1] → (N, H*W, D) float32 patch features."""
+        maps = self.backbone(batch)
+        size = self.config.neighbourhood
+        with torch.inference_mode():
+            # Averaging only over the window's pixels inside the map (no zero padding) keeps border
+            # patches on the same scale as the rest.
+            pooled = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=False) for m in maps]
+            upsampled = [pooled[0]] + [F.interpolate(p, size=self.grid, mode="bilinear", align_corners=False)
+                                       for p in pooled[1:]]
+            features = torch.cat(upsampled, dim=1).permute(0, 2, 3, 1).reshape(len(batch), -1, sum(
+                self.backbone.channels))
+            if self.config.target_dim is not None:
+                features = F.adaptive_avg_pool1d(features, self.config.target_dim)
+            return np.ascontiguousarray(features.float().cpu().numpy())
+
+    def extract_images(self, images: Sequence[np.ndarray], progress: bool = True) -> Iterator[np.ndarray]:
+        """uint8 images (H, W) or (H, W, C), resized to the image size → features per batch of `batch_size`."""
+        batch_size = self.config.batch_size
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="patch features", unit="batch", disable=None if progress else True):
+            yield self.extract(images_to_tensor(images[start:start + batch_size], self.image_size))

@@ -1,0 +1,7 @@
+"""MLflow "models from code" entry point: MLflow runs this file to get the model object, not a pickle."""
+
+import mlflow
+
+from storage.pyfunc_model import PatchlineModel
+
+mlflow.models.set_model(PatchlineModel())

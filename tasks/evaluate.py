@@ -1,0 +1,93 @@
+"""Evaluation: calibrate on held-out good images, score every metric per detector, draw the plots."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from models.detection import Detections
+from models.line_detector import FUSED, Calibration, fit_calibration, fuse
+from models.metrics import best_detector, evaluate_detector
+from storage.line_config import LineConfig
+from storage.manifest import ManifestRow
+from storage.pixels import read_mask, read_pixels
+from storage.plots import plot_heatmap_gallery, plot_pr_curves, plot_roc_curves, plot_score_histograms
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: dict[str, dict[str, float]]  # detector → metric name → value
+    calibration: Calibration
+    best: str
+    plots: list[Path]
+
+    @property
+    def decision_metrics(self) -> dict[str, float]:
+        return self.metrics[self.calibration.decision_detector]
+
+    def flat_metrics(self) -> dict[str, float]:
+        """`<detector>_<metric>` for every detector, plus the deciding detector's metrics unprefixed."""
+        flat = {f"{name}_{key}": value for name, values in self.metrics.items() for key, value in values.items()}
+        flat.update(self.decision_metrics)
+        return flat
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_set: dict[str, Detections],
+                  test_set: dict[str, Detections], out_dir: Path) -> Evaluation:
+    """Metrics of every detector (and the fused one) on the test rows, thresholds from held-out goods."""
+    settings = config.evaluation
+    calibration = fit_calibration(calibration_set, settings.threshold_percentile, next(iter(calibration_set)))
+    good_scores = {name: d.scores for name, d in calibration_set.items()}
+    test_set = dict(test_set)
+    if len(calibration_set) > 1:
+        good_scores[FUSED] = fuse(calibration_set, calibration).scores
+        test_set[FUSED] = fuse(test_set, calibration)
+    labels = [row.label for row in test_rows]
+    defect_types = [row.defect_type for row in test_rows]
+    masks = _masks(test_rows, config.image_size)
+    metrics = {
+        name: evaluate_detector(d.scores, labels, defect_types, d.maps if masks is not None else None, masks,
+                                good_scores_for_threshold=good_scores[name], percentile=settings.threshold_percentile)
+        for name, d in test_set.items()}
+    best = best_detector(metrics)
+    decision = best if settings.decision_detector == "auto" else settings.decision_detector
+    if decision not in metrics:
+        raise ValueError(f"decision_detector {decision!r} is not among this line's detectors {sorted(metrics)}")
+    calibration = dataclasses.replace(calibration, decision_detector=decision)
+    get_run_logger().info("%s: image AUROC %s; best %s, deciding %s", config.name,
+                          {n: round(m["image_auroc"], 4) for n, m in metrics.items()}, best, decision)
+    plots = _plots(test_rows, labels, test_set, calibration, out_dir)
+    return Evaluation(metrics, calibration, best, plots)
+
+
+def _masks(rows: list[ManifestRow], size: int) -> np.ndarray | None:
+    """Ground truth at the maps' resolution, or None when the line has no masks at all."""
+    if not any(row.mask for row in rows):
+        return None
+    return np.stack([_resized_mask(row, size) for row in rows])
+
+
+def _resized_mask(row: ManifestRow, size: int) -> np.ndarray:
+    mask = torch.from_numpy(read_mask(row))[None, None].float()
+    return (F.interpolate(mask, size=(size, size), mode="nearest")[0, 0] > 0.5).numpy()
+
+
+def _plots(rows: list[ManifestRow], labels: list[str], test_set: dict[str, Detections],
+           calibration: Calibration, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores = {name: d.scores for name, d in test_set.items()}
+    paths = [plot_roc_curves(scores, labels, out_dir), plot_pr_curves(scores, labels, out_dir)]
+    paths += plot_score_histograms(scores, labels, calibration.thresholds, out_dir)
+    images = [read_pixels(row.source) for row in rows]
+    for name, detections in test_set.items():
+        paths.append(plot_heatmap_gallery(images, detections.maps, detections.scores, labels,
+                                          calibration.thresholds[name], out_dir, name))
+    return paths

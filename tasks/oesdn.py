@@ -1,0 +1,50 @@
+"""OE-SDN steps: train the autoencoder, then the style-distillation network against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from models.detection import Detections
+from models.line_detector import reconstruction_detections
+from models.oesdn_training import train_autoencoder, train_sdn
+from storage.line_config import LineConfig
+from storage.manifest import ManifestRow
+from storage.pixels import read_pixels
+from tasks.timing import stopwatch
+
+
+@dataclass(frozen=True)
+class TrainedNetwork:
+    network: nn.Module
+    history: dict[str, list[float]]
+    seconds: float
+
+
+@task(name="train-autoencoder", cache_policy=NO_CACHE)
+def train_autoencoder_task(config: LineConfig, rows: list[ManifestRow]) -> TrainedNetwork:
+    """The AE on the line's good fit images."""
+    with stopwatch() as elapsed:
+        network, history = train_autoencoder([read_pixels(r.source) for r in rows], config.oesdn)
+    get_run_logger().info("autoencoder: %d epochs, last loss %.4f", len(history["train_loss"]), history["train_loss"][-1])
+    return TrainedNetwork(network, history, elapsed[0])
+
+
+@task(name="train-sdn", cache_policy=NO_CACHE)
+def train_sdn_task(config: LineConfig, rows: list[ManifestRow], autoencoder: TrainedNetwork) -> TrainedNetwork:
+    """The OE-SDN (KD on the AE's output + outlier exposure on rotated images) on the same images."""
+    with stopwatch() as elapsed:
+        network, history = train_sdn([read_pixels(r.source) for r in rows], autoencoder.network, config.oesdn)
+    get_run_logger().info("sdn: %d epochs, last loss %.4f", len(history["train_loss"]), history["train_loss"][-1])
+    return TrainedNetwork(network, history, elapsed[0])
+
+
+@task(name="score-oesdn", cache_policy=NO_CACHE)
+def score_reconstruction_task(config: LineConfig, autoencoder: TrainedNetwork, sdn: TrainedNetwork | None,
+                              rows: list[ManifestRow]) -> dict[str, Detections]:
+    """OE-SDN and AE-baseline detections of `rows`."""
+    return reconstruction_detections(config, autoencoder.network, sdn.network if sdn else None,
+                                     [read_pixels(r.source) for r in rows])

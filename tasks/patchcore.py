@@ -1,0 +1,126 @@
+"""PatchCore steps: extract patch features into the Zarr store, select the coreset with Dask, build the
+memory bank, and score images against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from models.coreset import Coreset, coreset_size, greedy_coreset_dask
+from models.detection import Detections
+from models.patch_features import PatchFeatureExtractor
+from models.patchcore import MemoryBank, PatchCoreScorer
+from storage.dask_cluster import dask_client
+from storage.feature_store import FeatureStore
+from storage.line_config import LineConfig
+from storage.manifest import ManifestRow
+from storage.paths import patchline_home
+from storage.pixels import read_pixels
+from tasks.timing import stopwatch
+
+# About this many bytes of features per Zarr chunk: big enough for fast reads, small enough to buffer.
+_CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class StoredFeatures:
+    """Where a line's patch features live and their shape; the store is the cache across nights."""
+
+    root: str
+    line: str
+    key: dict
+    grid: tuple[int, int]
+    written: int
+    seconds: float
+
+    def open(self) -> FeatureStore:
+        return FeatureStore.open(self.root, self.line, self.key, read_only=True)
+
+
+@dataclass(frozen=True)
+class SelectedCoreset:
+    coreset: Coreset
+    candidates: int
+    seconds: float
+
+
+def feature_key(config: LineConfig) -> dict:
+    """Everything that changes a patch feature: another key means another store."""
+    patchcore = config.patchcore
+    return {"backbone": patchcore.backbone, "weights": str(patchcore.weights_path or "package"),
+            "layers": list(patchcore.layers or []), "neighbourhood": patchcore.neighbourhood,
+            "target_dim": patchcore.target_dim, "image_size": config.image_size}
+
+
+def feature_root() -> str:
+    return str(patchline_home() / "features")
+
+
+# No Prefect cache: the store itself skips every image it already holds (by content hash), which
+# stays right even when the store is moved or pruned, where a cached task result would not.
+@task(name="extract-features", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def extract_features_task(config: LineConfig, rows: list[ManifestRow], root: str | None = None) -> StoredFeatures:
+    """Patch features of every row not yet in the line's store, written block by block as they come."""
+    root = root or feature_root()
+    with stopwatch() as elapsed:
+        extractor = PatchFeatureExtractor(config.patchcore, config.image_size)
+        per_image = extractor.grid[0] * extractor.grid[1] * extractor.dim * 4
+        store = FeatureStore.open(root, config.name, feature_key(config),
+                                  block_images=max(1, _CHUNK_BYTES // per_image))
+        missing = set(store.missing(row.id for row in rows))
+        pending = [row for row in rows if row.id in missing]
+        block = store.block_images or max(1, _CHUNK_BYTES // per_image)
+        for start in range(0, len(pending), block):
+            chunk = pending[start:start + block]
+            features = np.concatenate(list(extractor.extract_images([read_pixels(r.source) for r in chunk])))
+            store.write_batch([r.id for r in chunk], features)
+    get_run_logger().info("features: %d new of %d images (%s), store holds %d", len(pending), len(rows),
+                          config.patchcore.backbone, len(store))
+    return StoredFeatures(root, config.name, feature_key(config), extractor.grid, len(pending), elapsed[0])
+
+
+@task(name="select-coreset", cache_policy=NO_CACHE)
+def select_coreset_task(config: LineConfig, features: StoredFeatures, fit_rows: list[ManifestRow]) -> SelectedCoreset:
+    """Greedy k-center coreset of the fit images' patches, in parallel on Dask (local or remote cluster)."""
+    with stopwatch() as elapsed:
+        stored = features.open().as_dask_array([row.id for row in fit_rows])
+        patches = stored.reshape(-1, stored.shape[2])
+        size = coreset_size(patches.shape[0], config.patchcore.coreset_ratio)
+        with dask_client(config.dask_address):
+            coreset = greedy_coreset_dask(patches, size, projection_dim=config.patchcore.projection_dim)
+    get_run_logger().info("coreset: %d of %d patches, coverage radius %.4f", size, patches.shape[0], coreset.radius)
+    return SelectedCoreset(coreset, int(patches.shape[0]), elapsed[0])
+
+
+@task(name="build-memory-bank", cache_policy=NO_CACHE)
+def build_memory_bank_task(config: LineConfig, features: StoredFeatures, fit_rows: list[ManifestRow],
+                           selected: SelectedCoreset) -> MemoryBank:
+    """The selected patch rows, read back from the store in full dimension."""
+    store = features.open()
+    per_image = features.grid[0] * features.grid[1]
+    indices = np.sort(selected.coreset.indices)
+    images = indices // per_image
+    unique = np.unique(images)
+    rows = []
+    # A few hundred images per read: each store read decodes whole chunks, so one image at a time
+    # would decode the same chunk again and again.
+    for start in range(0, len(unique), 256):
+        group = unique[start:start + 256]
+        stored = store.read([fit_rows[int(i)].id for i in group])
+        for position, image in enumerate(group):
+            rows.append(stored[position][indices[images == image] % per_image])
+    return MemoryBank(np.concatenate(rows).astype(np.float32), config.patchcore, config.image_size)
+
+
+@task(name="score-patchcore", cache_policy=NO_CACHE)
+def score_patchcore_task(features: StoredFeatures, bank: MemoryBank, rows: list[ManifestRow],
+                         batch: int = 64) -> Detections:
+    """PatchCore detections of `rows` from their stored features."""
+    store = features.open()
+    scorer = PatchCoreScorer(bank)
+    parts = [scorer.score(store.read([r.id for r in rows[i:i + batch]]), features.grid, bank.image_size)
+             for i in range(0, len(rows), batch)]
+    return Detections(np.concatenate([p.scores for p in parts]), np.concatenate([p.maps for p in parts]))

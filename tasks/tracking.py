@@ -1,0 +1,112 @@
+"""MLflow steps: open the run, log everything a rebuild made, register the model and apply the gate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.entities import Metric
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from models.metrics import image_auroc
+from storage.line_config import LineConfig, save_line
+from storage.manifest import Manifest
+from storage.pixels import read_pixels
+from storage.pyfunc_model import log_line_model
+from storage.registry import (
+    CHAMPION, GateDecision, apply_gate, champion_version, decide_promotion, register_version, registered_model_name)
+from storage.tracking import config_params, configure_mlflow, line_experiment_id
+from tasks.evaluate import Evaluation
+from tasks.ingest import LineData
+
+TEST_FINGERPRINT_TAG = "patchline.test_fingerprint"
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    version: str
+    decision: GateDecision
+    champion: str | None
+
+
+def test_fingerprint(data: LineData) -> str:
+    """Identity of the test set, so the gate only compares metrics measured on the same images."""
+    return Manifest(data.manifest.line, data.test).fingerprint()
+
+
+@task(name="start-mlflow-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def start_run_task(config: LineConfig, flow_run_id: str | None) -> str:
+    """Open the rebuild's run in the line's experiment with the whole config as params; returns its id."""
+    client = configure_mlflow()
+    run = client.create_run(line_experiment_id(client, config.name), run_name=f"rebuild-{config.name}",
+                            tags={"patchline.line": config.name, "prefect.flow_run_id": str(flow_run_id)})
+    params = config_params(config)
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+@task(name="log-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation: Evaluation,
+                     histories: dict[str, dict[str, list[float]]], extra_metrics: dict[str, float],
+                     bundle: Path, work_dir: Path) -> str:
+    """Metrics, loss curves, plots, manifest, config and the pyfunc model; returns the model URI."""
+    client = configure_mlflow()
+    now = int(time.time() * 1000)
+    metrics = {**evaluation.flat_metrics(), **extra_metrics}
+    metrics.update({f"manifest_{key.replace('/', '_')}": float(n) for key, n in data.manifest.counts().items()})
+    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    for network, history in histories.items():
+        for series, values in history.items():
+            batch += [Metric(f"loss_{network}_{series}", float(v), now, step) for step, v in enumerate(values)]
+    for start in range(0, len(batch), 900):  # MLflow caps one batch at 1,000 metrics
+        client.log_batch(run_id, metrics=batch[start:start + 900])
+    client.set_tag(run_id, "patchline.data_fingerprint", data.manifest.fingerprint())
+    client.set_tag(run_id, TEST_FINGERPRINT_TAG, test_fingerprint(data))
+    client.set_tag(run_id, "patchline.best_detector", evaluation.best)
+    client.set_tag(run_id, "patchline.decision_detector", evaluation.calibration.decision_detector)
+    data.manifest.write_csv(work_dir / "manifest.csv")
+    save_line(config, work_dir / "line_config.yaml")
+    for path in [work_dir / "manifest.csv", work_dir / "manifest.skipped.csv", work_dir / "line_config.yaml"]:
+        client.log_artifact(run_id, str(path), "data")
+    for path in evaluation.plots:
+        client.log_artifact(run_id, str(path), "plots")
+    with mlflow.start_run(run_id=run_id):
+        info = log_line_model(bundle)
+    get_run_logger().info("logged run %s with model %s", run_id, info.model_uri)
+    return info.model_uri
+
+
+@task(name="register-and-gate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_and_gate_task(config: LineConfig, run_id: str, model_uri: str, data: LineData,
+                           evaluation: Evaluation) -> GateOutcome:
+    """Register the version as `challenger`; move `champion` to it only if the gate says so."""
+    client = configure_mlflow()
+    current = champion_version(client, config.name)
+    version = register_version(client, config.name, model_uri, run_id)
+    metric = config.promotion.metric
+    challenger_value = evaluation.decision_metrics[metric]
+    champion_value = None if current is None else _champion_metric(client, current, data, metric)
+    decision = decide_promotion(challenger_value, champion_value, config.promotion)
+    apply_gate(client, config.name, version, decision)
+    get_run_logger().info("gate for %s v%s: %s (%s)", config.name, version.version,
+                          "promoted" if decision.promote else "kept champion", decision.reason)
+    return GateOutcome(str(version.version), decision, str(current.version) if current else None)
+
+
+def _champion_metric(client, champion, data: LineData, metric: str) -> float:
+    """The champion's metric on this rebuild's test set: logged if it saw the same set, else re-scored."""
+    run = client.get_run(champion.run_id)
+    if run.data.tags.get(TEST_FINGERPRINT_TAG) == test_fingerprint(data) and metric in run.data.metrics:
+        return run.data.metrics[metric]
+    if metric != "image_auroc":
+        raise ValueError(f"the champion was evaluated on another test set and only image_auroc can be "
+                         f"re-scored here, not {metric!r}")
+    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(data.manifest.line)}@{CHAMPION}")
+    known = [row for row in data.test if row.label != "ambiguous"]
+    scores = np.concatenate([model.predict([read_pixels(r.source) for r in known[i:i + 32]])["score"]
+                             for i in range(0, len(known), 32)])
+    return image_auroc(scores, [row.label == "anomaly" for row in known])

@@ -1,0 +1,172 @@
+"""Real flows on small real data: a real Prefect API, MLflow SQLite store, Dask LocalCluster and Zarr store."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from models.metrics import image_auroc
+from storage.ingest import build_manifest
+from storage.line_config import (
+    ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, save_line)
+from storage.pixels import read_pixels
+from storage.registry import CHAMPION, DECISION_TAG, champion_version, registered_model_name
+from storage.tracking import configure_mlflow
+
+LINE = "elpv-tiny"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("patchline-home")
+    patcher = pytest.MonkeyPatch()
+    patcher.setenv("PATCHLINE_HOME", str(folder))
+    patcher.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield folder
+    patcher.undo()
+
+
+def tiny_config(**changes) -> LineConfig:
+    """A few dozen mono cells at 64 px: big enough for every step to do real work, small enough for CI."""
+    config = LineConfig(
+        name=LINE, source=ElpvSource(cell_type="mono", limit_per_class=12), image_size=64,
+        patchcore=PatchCoreConfig(coreset_ratio=0.1),
+        oesdn=OeSdnConfig(image_size=32, epochs=3, sdn_epochs=3, batch_size=8, ae_base_width=8, sdn_base_width=16),
+        evaluation=EvaluationConfig(calibration_fraction=0.3))
+    return config.model_copy(update=changes)
+
+
+@pytest.fixture(scope="module")
+def first_rebuild(home):
+    from flows.rebuild import rebuild_product_line
+
+    return rebuild_product_line(tiny_config())
+
+
+def test_rebuild_logs_everything_and_the_first_version_becomes_champion(first_rebuild):
+    client = configure_mlflow()
+    assert first_rebuild["version"] == "1" and first_rebuild["promoted"]
+    run = client.get_run(first_rebuild["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["patchcore.backbone"] == "efficientnet-lite0" and run.data.params["image_size"] == "64"
+    for key in ("image_auroc", "patchcore_image_auroc", "oesdn_image_auroc", "ae_image_auroc", "fused_image_auroc",
+                "patchcore_threshold", "time_extract_features_s", "time_coreset_s", "memory_bank_rows",
+                "manifest_train_good"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["manifest_train_good"] == 12
+    assert len(client.get_metric_history(run.info.run_id, "loss_autoencoder_train_loss")) >= 1
+    artifacts = {a.path for folder in ("plots", "data") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"plots/roc.png", "plots/pr.png", "data/manifest.csv", "data/line_config.yaml"} <= artifacts
+    version = champion_version(client, LINE)
+    assert version.version == 1 and version.tags[DECISION_TAG] == "promoted"
+
+
+def test_champion_model_scores_like_the_rebuild(first_rebuild):
+    """The registered pyfunc re-extracts features from pixels; its scores must reproduce the rebuild's metrics."""
+    client = configure_mlflow()
+    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(LINE)}@{CHAMPION}")
+    rows = [r for r in build_manifest(tiny_config()).select(split="test") if r.label != "ambiguous"]
+    output = model.predict([read_pixels(r.source) for r in rows])
+    labels = [r.label == "anomaly" for r in rows]
+    metrics = client.get_run(first_rebuild["run_id"]).data.metrics
+    for detector in ("patchcore", "oesdn", "ae", "fused"):
+        assert image_auroc(output[f"score_{detector}"], labels) == pytest.approx(metrics[f"{detector}_image_auroc"], abs=1e-6)
+    assert output["anomaly_map"].shape == (len(rows), 64, 64)
+    assert set(np.unique(output["decision"])) <= {True, False}
+
+
+def test_a_worse_model_leaves_the_champion(first_rebuild):
+    from flows.rebuild import rebuild_product_line
+
+    # Only a barely trained autoencoder: far below PatchCore on these cells.
+    worse = tiny_config(evaluation=EvaluationConfig(calibration_fraction=0.3, detectors=("ae",)),
+                        oesdn=OeSdnConfig(image_size=32, epochs=1, sdn_epochs=1, batch_size=8, ae_base_width=4))
+    result = rebuild_product_line(worse)
+    client = configure_mlflow()
+    champion_auroc = client.get_run(first_rebuild["run_id"]).data.metrics["image_auroc"]
+    assert result["image_auroc"]["ae"] < champion_auroc - worse.promotion.tolerance  # the premise
+    assert not result["promoted"] and "vs champion" in result["reason"]
+    assert champion_version(client, LINE).version == 1
+    assert client.get_model_version(registered_model_name(LINE), result["version"]).tags[DECISION_TAG] == "rejected"
+
+
+def broken_line(tmp_path: Path) -> Path:
+    root = tmp_path / "broken"
+    (root / "train" / "good").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.full((64, 64), 40 * i, np.uint8)).save(root / "train" / "good" / f"{i}.png")
+    (root / "train" / "good" / "bad.png").write_bytes(b"")
+    return save_line(LineConfig(name="broken", source=MvtecSource(root=root)), tmp_path / "broken.yaml")
+
+
+def test_a_failed_rebuild_leaves_the_registry_untouched(first_rebuild, tmp_path):
+    from flows.rebuild import rebuild_product_line
+    from storage.line_config import load_line
+
+    client = configure_mlflow()
+    before = {(v.name, v.version) for v in client.search_model_versions()}
+    state = rebuild_product_line(load_line(broken_line(tmp_path)), return_state=True)
+    assert state.is_failed() and "bad.png: empty file" in state.message
+    assert {(v.name, v.version) for v in client.search_model_versions()} == before
+    failed = client.search_runs([client.get_experiment_by_name("patchline-broken").experiment_id])
+    assert failed[0].info.status == "FAILED" and "bad.png" in failed[0].data.tags["patchline.error"]
+
+
+def test_nightly_survives_a_broken_line(first_rebuild, tmp_path):
+    from flows.nightly import nightly
+
+    good = save_line(tiny_config(), tmp_path / f"{LINE}.yaml")
+    state = nightly([str(good), str(broken_line(tmp_path))], return_state=True)
+    assert state.is_failed() and "1 of 2 lines failed: " in state.message and "broken" in state.message
+    assert champion_version(configure_mlflow(), LINE) is not None
+    versions = configure_mlflow().search_model_versions(f"name = '{registered_model_name(LINE)}'")
+    assert len(versions) == 3  # first rebuild, the rejected one, and tonight's
+
+
+def test_deployments_carry_each_lines_cron(home):
+    from deployments.schedules import register
+    from storage.line_config import load_line
+
+    ids = register(["elpv-mono", "elpv-poly"])
+
+    async def read():
+        async with get_client() as client:
+            return [await client.read_deployment(i) for i in ids]
+
+    deployments = {d.name: d for d in asyncio.run(read())}
+    assert set(deployments) == {"rebuild-elpv-mono", "rebuild-elpv-poly", "score-images"}
+    for line in ("elpv-mono", "elpv-poly"):
+        schedule = deployments[f"rebuild-{line}"].schedules[0].schedule
+        assert schedule.cron == load_line(line).schedule.cron and schedule.timezone == load_line(line).schedule.timezone
+        assert deployments[f"rebuild-{line}"].parameters["config"]["name"] == line
+
+
+def test_batch_scoring_writes_csv_and_heat_maps_and_reports_bad_files(first_rebuild, tmp_path):
+    from flows.score import score_images
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    rows = build_manifest(tiny_config()).select(split="test")[:3]
+    for i, row in enumerate(rows):
+        Image.fromarray(read_pixels(row.source)[:, :, 0]).save(folder / f"cell{i}.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    csv_path = Path(score_images(LINE, [str(folder)], str(tmp_path / "out")))
+    with csv_path.open() as handle:
+        written = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    assert set(written) == {"cell0.png", "cell1.png", "cell2.png", "corrupt.png"}
+    assert written["corrupt.png"]["error"].startswith(("not an image", "truncated or corrupt"))
+    assert written["corrupt.png"]["score"] == ""
+    champion = str(champion_version(configure_mlflow(), LINE).version)
+    for i in range(3):
+        assert written[f"cell{i}.png"]["decision"] in ("good", "anomalous")
+        assert written[f"cell{i}.png"]["model_version"] == champion
+        assert (tmp_path / "out" / "heatmaps" / f"cell{i}.png").stat().st_size > 1000

@@ -1,0 +1,147 @@
+"""OE-SDN on real ELPV cells: SSIM, training, rotation, scoring and checkpoints (small and fast)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from models.autoencoder import ConvAutoencoder
+from models.oesdn_checkpoint import load_autoencoder, load_sdn, save_network
+from models.oesdn_scoring import image_scores, score_autoencoder, score_oesdn
+from models.oesdn_training import rotate_batch, train_autoencoder, train_sdn
+from models.sdn import StyleDistillationNetwork
+from models.ssim import dssim, dssim_mse, ssim_map
+from storage.elpv import elpv_arrays
+from storage.line_config import OeSdnConfig
+
+SIZE = 64
+CONFIG = OeSdnConfig(image_size=SIZE, channels=1, ae_base_width=8, ae_latent_dim=32, sdn_base_width=16,
+                     epochs=12, sdn_epochs=12, batch_size=8, learning_rate=2e-3, val_fraction=0.1, patience=12)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Other jobs share this machine's cores; oversubscribed torch threads run many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cells() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(48 good training cells, 4 other good cells) from the real ELPV set."""
+    images, levels, _ = elpv_arrays()
+    good = np.flatnonzero(levels == 0)
+    return [images[i] for i in good[:48]], [images[i] for i in good[100:104]]
+
+
+@pytest.fixture(scope="module")
+def trained(cells: tuple[list[np.ndarray], list[np.ndarray]]) -> dict:
+    train, _ = cells
+    device = torch.device("cpu")
+    autoencoder, ae_history = train_autoencoder(train, CONFIG, device)
+    sdn, sdn_history = train_sdn(train, autoencoder, CONFIG, device=device)
+    return {"ae": autoencoder, "sdn": sdn, "ae_history": ae_history, "sdn_history": sdn_history}
+
+
+def with_crack(cell: np.ndarray) -> np.ndarray:
+    """A good cell with a dark diagonal crack and a dark blob painted in, as ELPV defects look."""
+    defective = cell.copy()
+    for offset in range(-3, 4):
+        rows = np.arange(60, 200)
+        defective[rows, np.clip(rows + 20 + offset, 0, 299)] = 10
+    defective[180:240, 60:120] = 15
+    return defective
+
+
+def test_ssim_is_one_for_equal_images_and_dssim_mse_grows_with_difference() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 1, 32, 32, generator=generator)
+    noisy = (a + 0.2 * torch.randn(a.shape, generator=generator)).clamp(0, 1)
+    assert torch.allclose(ssim_map(a, a), torch.ones_like(a), atol=1e-5)
+    assert dssim_mse(a, a).item() == pytest.approx(0.0, abs=1e-6)
+    assert 0 < dssim_mse(a, (a + 0.05).clamp(0, 1)) < dssim_mse(a, noisy)
+    assert 0 < dssim(a, noisy) <= 1
+    with pytest.raises(ValueError, match="one shape"):
+        ssim_map(a, a[:, :, :16])
+
+
+def test_rotated_batch_is_each_image_turned_by_its_drawn_quarter_turns() -> None:
+    batch = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    rotated, turns = rotate_batch(batch, torch.Generator().manual_seed(2))
+    assert set(turns.tolist()) == {1, 2, 3}
+    for image, turned, k in zip(batch, rotated, turns.tolist()):
+        assert torch.equal(turned, torch.rot90(image, k, dims=(1, 2)))
+        assert not torch.equal(turned, image)
+    with pytest.raises(ValueError, match="square"):
+        rotate_batch(torch.rand(2, 1, 16, 8), torch.Generator())
+
+
+def test_autoencoder_and_sdn_losses_decrease_on_real_cells(trained: dict) -> None:
+    for history in (trained["ae_history"], trained["sdn_history"]):
+        assert len(history["train_loss"]) == len(history["val_loss"]) == CONFIG.epochs
+        assert history["train_loss"][-1] < 0.8 * history["train_loss"][0]
+        assert min(history["val_loss"]) < 0.8 * history["val_loss"][0]
+    sdn = trained["sdn_history"]
+    assert sdn["train_kd"][-1] < sdn["train_kd"][0] and sdn["train_oer"][-1] < sdn["train_oer"][0]
+
+
+def test_maps_and_scores_come_at_the_input_resolution(trained: dict, cells: tuple) -> None:
+    _, others = cells
+    for detections in (score_oesdn(trained["ae"], trained["sdn"], others, CONFIG),
+                       score_autoencoder(trained["ae"], others, CONFIG, "l2"),
+                       score_autoencoder(trained["ae"], others, CONFIG, "ssim")):
+        assert detections.scores.shape == (len(others),)
+        assert detections.maps.shape == (len(others), SIZE, SIZE)
+        assert np.isfinite(detections.maps).all() and (detections.maps >= 0).all()
+        assert np.allclose(detections.scores, detections.maps.reshape(len(others), -1).max(axis=1))
+    with pytest.raises(ValueError, match="residual"):
+        score_autoencoder(trained["ae"], others, CONFIG, "l1")  # type: ignore[arg-type]
+
+
+def test_oesdn_map_is_larger_on_a_planted_crack_than_on_the_clean_cell(trained: dict, cells: tuple) -> None:
+    _, others = cells
+    clean = others
+    cracked = [with_crack(cell) for cell in others]
+    clean_found = score_oesdn(trained["ae"], trained["sdn"], clean, CONFIG)
+    cracked_found = score_oesdn(trained["ae"], trained["sdn"], cracked, CONFIG)
+    assert (cracked_found.scores > clean_found.scores).all()
+    # The extra response sits on the painted blob (rows 180-240, cols 60-120 of 300 → ~38-51, 13-26 of 64).
+    blob = (slice(39, 50), slice(14, 25))
+    assert (cracked_found.maps[:, blob[0], blob[1]].mean(axis=(1, 2))
+            > 2 * clean_found.maps[:, blob[0], blob[1]].mean(axis=(1, 2))).all()
+
+
+def test_top_k_score_is_the_mean_of_the_k_largest_pixels() -> None:
+    maps = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    assert np.allclose(image_scores(maps, 3), [14.0, 30.0])
+    assert np.allclose(image_scores(maps), [15.0, 31.0])
+    with pytest.raises(ValueError, match="top_k"):
+        image_scores(maps, 17)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(trained: dict, tmp_path) -> None:
+    batch = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    ae_path = save_network(trained["ae"], tmp_path / "ae.safetensors")
+    sdn_path = save_network(trained["sdn"], tmp_path / "sdn.safetensors")
+    autoencoder = load_autoencoder(ae_path, torch.device("cpu"))
+    sdn = load_sdn(sdn_path, torch.device("cpu"))
+    assert isinstance(autoencoder, ConvAutoencoder) and isinstance(sdn, StyleDistillationNetwork)
+    with torch.no_grad():
+        assert torch.equal(autoencoder(batch), trained["ae"](batch))
+        assert torch.equal(sdn(batch), trained["sdn"](batch))
+    with pytest.raises(ValueError, match="expected 'sdn'"):
+        load_sdn(ae_path, torch.device("cpu"))
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_autoencoder(tmp_path / "broken.safetensors", torch.device("cpu"))
+
+
+def test_training_rejects_too_few_images(cells: tuple) -> None:
+    train, _ = cells
+    with pytest.raises(ValueError, match="at least 2 good images"):
+        train_autoencoder(train[:1], CONFIG, torch.device("cpu"))

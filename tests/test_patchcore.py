@@ -1,0 +1,131 @@
+"""PatchCore scoring: eq. 7, exact kNN, memory bank files, and planted defects on real ELPV cells."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from models.patch_features import PatchFeatureExtractor
+from models.patchcore import MemoryBank, PatchCoreScorer
+from storage.elpv import elpv_arrays
+from storage.line_config import PatchCoreConfig
+
+CPU = torch.device("cpu")
+
+
+def _scorer(bank: np.ndarray, **settings: float) -> PatchCoreScorer:
+    return PatchCoreScorer(MemoryBank(np.asarray(bank, np.float32), PatchCoreConfig(**settings), 16), CPU)
+
+
+def test_eq7_reweights_the_max_patch_distance_by_its_bank_neighbourhood() -> None:
+    # A dense corner around the origin and one isolated row at (20, 0).
+    bank = [[0, 0], [1, 0], [0, 1], [1, 1], [20, 0]]
+    scorer = _scorer(bank, reweight_neighbours=3, smoothing_sigma=0)
+    # Each image's worst patch is 3 from its nearest row: (0, -3) → (0, 0); (20, -3) → (20, 0).
+    dense = [[0, 0], [1, 0.5], [0, -3], [0.5, 1]]
+    isolated = [[0, 0], [1, 0.5], [20, -3], [0.5, 1]]
+    detections = scorer.score(np.array([dense, isolated], np.float32), (2, 2), 16)
+
+    # N_3((0, 0)) = {(0, 0), (1, 0), (0, 1)}; N_3((20, 0)) = {(20, 0), (1, 1), (1, 0)}.
+    def eq7(nearest: float, support: list[float]) -> float:
+        return (1 - math.exp(nearest) / sum(math.exp(d) for d in support)) * nearest
+
+    expected_dense = eq7(3, [3, math.hypot(1, 3), 4])
+    expected_isolated = eq7(3, [3, math.hypot(19, 4), math.hypot(19, 3)])
+    assert detections.scores == pytest.approx([expected_dense, expected_isolated], rel=1e-5)
+    # Same raw distance, but a match in a sparse part of the bank is trusted less: higher score.
+    assert detections.scores[1] > detections.scores[0]
+
+
+def test_maps_are_patch_distances_upsampled_bilinearly_then_gaussian_smoothed() -> None:
+    rng = np.random.default_rng(2)
+    features = rng.standard_normal((2, 6 * 5, 3)).astype(np.float32)
+    scorer = _scorer(rng.standard_normal((7, 3)), smoothing_sigma=4)
+    distances = scorer.patch_distances(torch.from_numpy(features.reshape(-1, 3))).view(2, 1, 6, 5)
+    upsampled = F.interpolate(distances, size=(40, 40), mode="bilinear", align_corners=False)[:, 0].numpy()
+    expected = np.stack([gaussian_filter(m, sigma=4, mode="nearest", truncate=4.0) for m in upsampled])
+    maps = scorer.score(features, (6, 5), 40).maps
+    assert maps.shape == (2, 40, 40)
+    assert np.allclose(maps, expected, atol=1e-5)
+    unsmoothed = _scorer(scorer.bank.numpy(), smoothing_sigma=0).score(features, (6, 5), 40).maps
+    assert np.allclose(unsmoothed, upsampled, atol=1e-5)
+
+
+def test_knn_equals_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    # More rows and queries than one 1,024 x 1,024 tile, so the tiling is exercised.
+    bank = rng.standard_normal((2500, 152)).astype(np.float32)
+    queries = torch.from_numpy(rng.standard_normal((2100, 152)).astype(np.float32))
+    scorer = _scorer(bank)
+    brute = torch.cdist(queries.double(), torch.from_numpy(bank).double())
+    expected, order = brute.sort(dim=1)
+    assert np.allclose(scorer.patch_distances(queries).numpy(), expected[:, 0].numpy(), rtol=1e-4)
+    distances, indices = scorer.nearest(queries, k=5)
+    assert torch.equal(indices, order[:, :5])
+    assert np.allclose(distances.numpy(), expected[:, :5].numpy(), rtol=1e-4)
+
+
+def test_memory_bank_round_trip_gives_identical_scores(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    config = PatchCoreConfig(backbone="efficientnet-lite2", layers=(6, 14), reweight_neighbours=4)
+    bank = MemoryBank(rng.standard_normal((300, 24)).astype(np.float32), config, 64)
+    path = bank.save(tmp_path / "bank" / "memory_bank.safetensors")
+    loaded = MemoryBank.load(path)
+    assert loaded.config == config and loaded.image_size == 64
+    assert np.array_equal(loaded.features, bank.features)
+    features = rng.standard_normal((3, 64, 24)).astype(np.float32)
+    before = PatchCoreScorer(bank, CPU).score(features, (8, 8), 64)
+    after = PatchCoreScorer(loaded, CPU).score(features, (8, 8), 64)
+    assert np.array_equal(before.scores, after.scores) and np.array_equal(before.maps, after.maps)
+
+
+def test_bad_bank_files_and_features_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        MemoryBank.load(tmp_path / "nothing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read memory bank"):
+        MemoryBank.load(garbage)
+    with pytest.raises(ValueError, match="non-empty float32"):
+        MemoryBank(np.zeros((4, 2)), PatchCoreConfig(), 16)
+    with pytest.raises(ValueError, match=r"expected features \(N ≥ 1, 4, 2\)"):
+        _scorer([[0, 0]]).score(np.zeros((1, 9, 2), np.float32), (2, 2), 16)
+
+
+SIZE = 128
+# A dark blob between the busbars, in 300 px cell coordinates (row, column, radius).
+BLOB = (100, 195, 20)
+
+
+def _plant_blob(cell: np.ndarray) -> np.ndarray:
+    rows, cols = np.ogrid[:cell.shape[0], :cell.shape[1]]
+    inside = (rows - BLOB[0]) ** 2 + (cols - BLOB[1]) ** 2 <= BLOB[2] ** 2
+    planted = cell.copy()
+    planted[inside] = (planted[inside] * 0.3).astype(np.uint8)
+    return planted
+
+
+def test_planted_defects_on_real_cells_outscore_held_out_good_cells() -> None:
+    images, levels, types = elpv_arrays()
+    good = np.flatnonzero((types == "mono") & (levels == 0))
+    train, held_out = images[good[:10]], images[good[10:16]]
+    extractor = PatchFeatureExtractor(PatchCoreConfig(), SIZE, CPU)
+    bank = np.concatenate(list(extractor.extract_images(train))).reshape(-1, extractor.dim)
+    scorer = PatchCoreScorer(MemoryBank(bank, extractor.config, SIZE), CPU)
+
+    test = np.concatenate([held_out, [_plant_blob(cell) for cell in held_out]])
+    features = np.concatenate(list(extractor.extract_images(test)))
+    detections = scorer.score(features, extractor.grid, SIZE)
+    good_scores, planted_scores = detections.scores[:6], detections.scores[6:]
+    assert planted_scores.min() > good_scores.max(), (good_scores, planted_scores)
+
+    scale = SIZE / images.shape[1]
+    for heat in detections.maps[6:]:
+        row, col = np.unravel_index(heat.argmax(), heat.shape)
+        assert math.hypot(row - BLOB[0] * scale, col - BLOB[1] * scale) <= BLOB[2] * scale + 8, (row, col)
