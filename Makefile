@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/patchline ingest
+	$(BIN)/patchline nightly
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -17,7 +17,6 @@ from storage.ingest import IngestError, build_manifest  # noqa: E402  (environme
 from storage.line_config import (  # noqa: E402
     ElpvSource, LineConfig, LineConfigError, MvtecSource, bundled_line_files, load_line, save_line)
 from storage.mvtec import MvtecLayoutError  # noqa: E402
-from deployments.services import ServiceError, block_until_one_exits, running_uis  # noqa: E402
 
 app = typer.Typer(help="Nightly anomaly-detection model rebuilds, one per product line.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -46,7 +45,11 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
 
 @app.command("lines")
 def lines_command() -> None:
-    """List the configured product lines."""
+    """List the configured product lines with their schedule and current champion."""
+    from storage.registry import PROMOTED_AT_TAG, champion_version
+    from storage.tracking import configure_mlflow
+
+    client = configure_mlflow()
     for name, path in bundled_line_files().items():
         config = _load(str(path))
         source = config.source.kind
@@ -54,6 +57,14 @@ def lines_command() -> None:
             source += f" ({config.source.cell_type})"
         typer.echo(f"{name:<16} {source:<14} {config.image_size}px  {config.patchcore.backbone:<18} "
                    f"cron '{config.schedule.cron}' {config.schedule.timezone}")
+        champion = champion_version(client, name)
+        if champion is None:
+            typer.echo("    champion: none yet")
+            continue
+        metrics = client.get_run(champion.run_id).data.metrics
+        shown = ", ".join(f"{key} {metrics[key]:.4f}" for key in ("image_auroc", "image_f1_max", "fpr_at_threshold")
+                          if key in metrics)
+        typer.echo(f"    champion: v{champion.version} ({shown}), promoted {champion.tags.get(PROMOTED_AT_TAG, '?')}")
 
 
 @app.command("ingest")
@@ -104,6 +115,8 @@ def ui_command(
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
 ) -> None:
     """Start the Prefect and MLflow UIs on 127.0.0.1 with their data under PATCHLINE_HOME; Ctrl-C stops both."""
+    from deployments.services import ServiceError, block_until_one_exits, running_uis
+
     # SIGTERM (`kill`, a service manager) takes the same clean path as Ctrl-C; SIGINT is set explicitly
     # because a shell that starts us in the background leaves it ignored.
     signal.signal(signal.SIGINT, _interrupt)
@@ -118,3 +131,123 @@ def ui_command(
         typer.echo("Stopped the Prefect and MLflow servers.")
     except (ValueError, ServiceError) as error:
         _fail(error)
+
+
+DetectorsOption = Annotated[str | None, typer.Option(
+    help="Comma-separated detectors to build instead of the config's (patchcore, oesdn, ae).")]
+
+
+def _with_detectors(config: LineConfig, detectors: str | None) -> LineConfig:
+    if not detectors:
+        return config
+    chosen = tuple(d.strip() for d in detectors.split(",") if d.strip())
+    try:
+        evaluation = config.evaluation.model_validate({**config.evaluation.model_dump(), "detectors": chosen})
+    except ValueError as error:
+        _fail(error)
+    return config.model_copy(update={"evaluation": evaluation})
+
+
+def _print_rebuild(result: dict) -> None:
+    typer.echo(f"{result['line']}: image AUROC " + ", ".join(
+        f"{name} {value:.4f}" for name, value in result["image_auroc"].items()))
+    verdict = "promoted to champion" if result["promoted"] else "not promoted"
+    typer.echo(f"  version {result['version']} {verdict}: {result['reason']}")
+    typer.echo(f"  decisions by: {result['decision_detector']}; MLflow run {result['run_id']}")
+
+
+@app.command("rebuild")
+def rebuild_command(line: LineArg, detectors: DetectorsOption = None) -> None:
+    """Rebuild one product line now: features, coreset, OE-SDN, evaluation, MLflow, gate."""
+    from flows.rebuild import rebuild_product_line
+
+    config = _with_detectors(_load(line), detectors)
+    state = rebuild_product_line(config, return_state=True)
+    if not state.is_completed():
+        _fail(RuntimeError(f"rebuild of {config.name} failed: {state.message}"))
+    _print_rebuild(state.result())
+
+
+@app.command("nightly")
+def nightly_command(
+    lines: Annotated[list[str] | None, typer.Argument(help="Lines to rebuild; default: every configured line.")] = None,
+) -> None:
+    """Rebuild every configured line (or the given ones); one line's failure does not stop the others."""
+    from flows.nightly import nightly
+
+    state = nightly(lines or None, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    summary = summary if isinstance(summary, dict) else {}
+    for result in summary.get("rebuilt", {}).values():
+        _print_rebuild(result)
+    for name, reason in summary.get("failed", {}).items():
+        typer.secho(f"{name}: FAILED: {reason}", fg=typer.colors.RED, err=True)
+    typer.echo("Look at the runs with: .venv/bin/patchline ui   (Prefect UI and MLflow UI)")
+    if not state.is_completed():
+        raise typer.Exit(code=1)
+
+
+@app.command("score")
+def score_command(
+    line: LineArg,
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    out: Annotated[Path, typer.Option(help="Folder for scores.csv and heatmaps/.")] = Path("scores"),
+) -> None:
+    """Score images with the line's champion model; unreadable files are reported in the CSV."""
+    from flows.score import score_images
+
+    name = _load(line).name
+    try:
+        csv_path = score_images(name, [str(p) for p in paths], str(out))
+    except ValueError as error:
+        _fail(error)
+    typer.echo(f"wrote {csv_path} and heat maps in {out / 'heatmaps'}")
+
+
+@app.command("deploy")
+def deploy_command(
+    lines: Annotated[list[str] | None, typer.Argument(help="Lines to deploy; default: every configured line.")] = None,
+    serve: Annotated[bool, typer.Option(help="Serve the deployments here after registering them.")] = True,
+) -> None:
+    """Register one nightly deployment per line (its cron) plus batch scoring in the Prefect API, and serve them."""
+    from deployments.schedules import register, serve_deployments
+
+    if not serve:
+        ids = register(lines or None)
+        typer.echo(f"registered {len(ids)} deployments")
+        return
+    typer.echo("serving the deployments; stop with SIGTERM or Ctrl-C")
+    serve_deployments(lines or None)
+
+
+@app.command("promote")
+def promote_command(
+    line: LineArg, version: Annotated[str, typer.Argument(help="Model version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why, kept on the version.")] = "promoted by hand",
+) -> None:
+    """Move the line's champion alias to VERSION."""
+    from mlflow.exceptions import MlflowException
+
+    from storage.registry import promote
+    from storage.tracking import configure_mlflow
+
+    name = _load(line).name
+    try:
+        chosen = promote(configure_mlflow(), name, version, reason)
+    except MlflowException as error:
+        _fail(ValueError(f"line {name}: cannot promote version {version}: {error.message}"))
+    typer.echo(f"{name}: champion is now v{chosen.version}")
+
+
+@app.command("rollback")
+def rollback_command(line: LineArg) -> None:
+    """Give the champion alias back to the version that held it before."""
+    from storage.registry import rollback
+    from storage.tracking import configure_mlflow
+
+    name = _load(line).name
+    try:
+        restored = rollback(configure_mlflow(), name)
+    except ValueError as error:
+        _fail(error)
+    typer.echo(f"{name}: champion is back to v{restored.version}")

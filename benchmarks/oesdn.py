@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
 from models.detection import Detections
@@ -48,7 +49,7 @@ def benchmark_config(base: OeSdnConfig, epochs: int | None, size: int | None, se
         field, separator, value = setting.partition("=")
         if not separator or field not in values:
             raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {', '.join(values)}, got {setting!r}")
-        values[field] = None if value == "none" else value
+        values[field] = yaml.safe_load(value)
     return OeSdnConfig.model_validate(values)
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs for the AE and for each SDN (overrides the line config)")
     parser.add_argument("--size", type=int, help="image size (overrides the line config)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any OeSdnConfig field, e.g. --set sdn_base_width=32")
+                        help="override an OeSdnConfig field (YAML value), e.g. --set sdn_base_width=32 --set oe_quarter_turns=[1,3]")
     parser.add_argument("--threads", type=int,
                         help="torch CPU threads; 1 is far faster than oversubscribing cores other jobs are using")
     args = parser.parse_args()

@@ -131,8 +131,8 @@ def main() -> None:
 
     if args.compare_knn:
         compare_knn(test_features.reshape(-1, extractor.dim), train_patches, (4515, args.bank_rows))
-    # CPU seconds show the cost apart from other processes' load: images per CPU-second x cores is the
-    # rate an otherwise idle machine would reach if the work spreads over all cores.
+    # CPU seconds separate this work's cost from other processes' load on a shared machine: images per
+    # CPU-second times the cores bounds the rate an otherwise idle machine reaches.
     print(f"load average after: {os.getloadavg()[0]:.2f}; extract {len(test)} images in {extract_s:.2f} s "
           f"({extract_cpu_s:.2f} CPU s), score in {score_s:.2f} s ({score_cpu_s:.2f} CPU s)")
     print(f"throughput device={device.type} extract_img_s={len(test) / extract_s:.2f} "

@@ -24,10 +24,10 @@ def nightly(lines: list[str] | None = None) -> State:
             continue
         state = rebuild_product_line(config, return_state=True)
         if state.is_completed():
-            results[name] = state.result()
+            results[config.name] = state.result()
         else:
-            failed[name] = state.message or state.type.value
-            log.error("line %s failed: %s", name, failed[name])
+            failed[config.name] = state.message or state.type.value
+            log.error("line %s failed: %s", config.name, failed[config.name])
     summary = {"rebuilt": results, "failed": failed}
     if failed:
         return Failed(message=f"{len(failed)} of {len(names)} lines failed: {', '.join(failed)}", data=summary)

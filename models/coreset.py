@@ -88,14 +88,15 @@ def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = 
                         seed: int = 0, partitions: int | None = None, oversample: float = 1.5) -> Coreset:
     """Greedy k-center of `size` rows of a row-chunked Dask array (n, D), in parallel on the active Dask scheduler.
 
-    Rows are projected block by block and routed to the nearest of `partitions` pivot rows, so each
-    partition is a region of feature space. Every partition runs its own greedy in parallel for about
-    `oversample` times its share of picks and records how far each pick was from the earlier ones; the
-    `size` picks with the largest such distances over all partitions are kept (a prefix of each
-    partition's sequence: what one greedy over regions that do not interact would pick), and a
-    partition whose own rows are still farther than that cut reruns with twice the steps. A last pass
-    over all rows measures the true radius against every kept row. Runs on whatever scheduler is
-    active: open a distributed client (storage.dask_cluster.dask_client) to use a cluster.
+    Rows are projected block by block and routed to the nearest of `partitions` random pivot rows, so
+    each partition is a region of feature space (oversized ones are split again). Every partition runs
+    its own greedy in parallel for `oversample` times its share of picks, recording each pick's gap
+    (its distance to the earlier picks). The `size` largest gaps over all partitions are kept, a prefix
+    of each partition's sequence: what one greedy would pick if the regions did not interact, and
+    exactly `size` rows with no second round. A partition whose own rows are still farther from its
+    picks than the smallest kept gap continues for more picks. A last distributed pass over all rows
+    measures the true radius against every kept row. Runs on whatever Dask scheduler is active: open a
+    distributed client (storage.dask_cluster.dask_client) to use a cluster.
     """
     if not isinstance(features, da.Array) or features.ndim != 2:
         raise ValueError(f"features must be a 2-D dask array (rows, dim), got {type(features).__name__} "
@@ -110,49 +111,25 @@ def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = 
         raise ValueError(f"oversample must be >= 1, got {oversample}")
     if partitions is not None and partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
-    n_parts = min(partitions or default_partitions(n), size, n)
     started = time.perf_counter()
-    matrix = jl_matrix(dim, projection_dim, seed)
-    features = features.rechunk({1: -1})
-    starts = np.concatenate([[0], np.cumsum(features.chunks[0])]).astype(np.int64)
-    blocks = list(features.to_delayed().ravel())
-
-    pivots = _sample_pivots(starts, blocks, matrix, n_parts, np.random.default_rng(seed))
-    routed = [dask.delayed(_route_block, nout=n_parts, pure=True)(block, int(start), matrix, pivots)
-              for block, start in zip(blocks, starts[:-1])]
-    parts = dask.persist(*[dask.delayed(_join_pieces, pure=True)([pieces[j] for pieces in routed])
-                           for j in range(n_parts)])
-    parts, part_rows = _balanced(list(parts), n / n_parts, seed)
+    parts, part_rows = _partitions(features.rechunk({1: -1}), min(partitions or default_partitions(n), size, n),
+                                   jl_matrix(dim, projection_dim, seed), seed)
     log.info("dask coreset: %d rows routed to %d partitions of %d..%d rows in %.1f s",
              n, len(parts), min(part_rows), max(part_rows), time.perf_counter() - started)
+    traces, counts = _partition_picks(parts, part_rows, size, oversample, seed)
+    log.info("dask coreset: %d picks taken at %.1f s; measuring coverage", size, time.perf_counter() - started)
 
-    steps = {j: min(rows, math.ceil(oversample * size * rows / n)) for j, rows in enumerate(part_rows)}
-    traces: list[_Trace | None] = [None] * len(parts)
-    while steps:
-        results = dask.compute(*[dask.delayed(_partition_greedy, pure=True)(parts[j], more, seed, j, traces[j])
-                                 for j, more in steps.items()])
-        for j, trace in zip(steps, results):
-            traces[j] = trace
-        counts, cut_sq = _merge_traces(traces, size)
-        # A partition whose own rows are still farther than the cut would contribute more picks: it
-        # continues for as many steps again as it has taken.
-        steps = {j: min(part_rows[j], 2 * len(trace.local)) - len(trace.local) for j, trace in enumerate(traces)
-                 if trace.final_sq > cut_sq and len(trace.local) < part_rows[j]}
-        if steps:
-            log.info("dask coreset: %d partitions need more picks, continuing them", len(steps))
-
-    log.info("dask coreset: kept %d picks down to gap %.4f at %.1f s; measuring coverage",
-             size, math.sqrt(cut_sq), time.perf_counter() - started)
     kept = [trace.local[:count] for trace, count in zip(traces, counts)]
     centres = dask.delayed(np.concatenate)([dask.delayed(_take_rows, pure=True)(part, local)
                                             for part, local in zip(parts, kept)])
-    radii_sq, rows = dask.compute([dask.delayed(_partition_radius_sq, pure=True)(part, local, centres)
-                                   for part, local in zip(parts, kept)],
-                                  [dask.delayed(_global_rows, pure=True)(part, local) for part, local in zip(parts, kept)])
+    radii_sq, rows = dask.compute(
+        [dask.delayed(_partition_radius_sq, pure=True)(part, local, centres) for part, local in zip(parts, kept)],
+        [dask.delayed(_global_rows, pure=True)(part, local) for part, local in zip(parts, kept)])
     gaps_sq = np.concatenate([trace.gaps_sq[:count] for trace, count in zip(traces, counts)])
-    indices = np.concatenate(rows)[np.argsort(-gaps_sq, kind="stable")]
-    log.info("dask coreset: radius %.4f, done in %.1f s", math.sqrt(max(radii_sq)), time.perf_counter() - started)
-    return Coreset(indices=indices.astype(np.int64), radius=math.sqrt(max(radii_sq)))
+    coreset = Coreset(indices=np.concatenate(rows)[np.argsort(-gaps_sq, kind="stable")].astype(np.int64),
+                      radius=math.sqrt(max(radii_sq)))
+    log.info("dask coreset: radius %.4f, done in %.1f s", coreset.radius, time.perf_counter() - started)
+    return coreset
 
 
 def default_partitions(n_rows: int) -> int:
@@ -198,6 +175,41 @@ class _Trace:
     @property
     def final_sq(self) -> float:
         return float(self.nearest_sq.max())
+
+
+def _partitions(features: da.Array, count: int, matrix: np.ndarray | None, seed: int) -> tuple[list, list[int]]:
+    """Projected rows grouped by nearest pivot: persisted (rows (m, d), global row numbers (m,)) per
+    partition, and their row counts."""
+    starts = np.concatenate([[0], np.cumsum(features.chunks[0])]).astype(np.int64)
+    blocks = list(features.to_delayed().ravel())
+    pivots = _sample_pivots(starts, blocks, matrix, count, np.random.default_rng(seed))
+    routed = [dask.delayed(_route_block, nout=count, pure=True)(block, int(start), matrix, pivots)
+              for block, start in zip(blocks, starts[:-1])]
+    parts = dask.persist(*[dask.delayed(_join_pieces, pure=True)([pieces[j] for pieces in routed])
+                           for j in range(count)])
+    return _balanced(list(parts), features.shape[0] / count, seed)
+
+
+def _partition_picks(parts: list, part_rows: list[int], size: int, oversample: float,
+                     seed: int) -> tuple[list[_Trace], list[int]]:
+    """Each partition's greedy, run in parallel until the `size` largest gaps over all partitions are
+    known; returns the traces and how many leading picks of each are kept."""
+    n = sum(part_rows)
+    steps = {j: min(rows, math.ceil(oversample * size * rows / n)) for j, rows in enumerate(part_rows)}
+    traces: list[_Trace | None] = [None] * len(parts)
+    while steps:
+        results = dask.compute(*[dask.delayed(_partition_greedy, pure=True)(parts[j], more, seed, j, traces[j])
+                                 for j, more in steps.items()])
+        for j, trace in zip(steps, results):
+            traces[j] = trace
+        counts, cut_sq = _merge_traces(traces, size)
+        # A partition whose own rows are still farther than the cut would contribute more picks: it
+        # continues for as many steps again as it has taken.
+        steps = {j: min(part_rows[j], 2 * len(trace.local)) - len(trace.local) for j, trace in enumerate(traces)
+                 if trace.final_sq > cut_sq and len(trace.local) < part_rows[j]}
+        if steps:
+            log.info("dask coreset: %d partitions need more picks, continuing them", len(steps))
+    return traces, counts
 
 
 def _check_rows(features: object, name: str) -> None:
@@ -327,9 +339,13 @@ def _route_block(block: np.ndarray, start: int, matrix: np.ndarray | None,
                  pivots: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     """Project one block and split its rows by nearest pivot: per pivot, (projected rows, global row numbers)."""
     projected = _project_block(block, matrix)
-    labels = _nearest_centre(torch.from_numpy(projected), torch.from_numpy(pivots)).numpy()
-    numbers = np.arange(start, start + len(projected), dtype=np.int64)
-    return tuple((projected[labels == j], numbers[labels == j]) for j in range(len(pivots)))
+    return _split_by_pivot(projected, np.arange(start, start + len(projected), dtype=np.int64), pivots)
+
+
+def _split_by_pivot(rows: np.ndarray, numbers: np.ndarray,
+                    pivots: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    labels = _nearest_centre(torch.from_numpy(rows), torch.from_numpy(pivots)).numpy()
+    return tuple((rows[labels == j], numbers[labels == j]) for j in range(len(pivots)))
 
 
 def _join_pieces(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -353,7 +369,8 @@ def _balanced(parts: list, target_rows: float, seed: int) -> tuple[list, list[in
                 split.append(part)
             else:
                 pieces = math.ceil(count / target_rows)
-                split.extend(dask.delayed(_split_partition, nout=pieces, pure=True)(part, pieces, seed + 1000 * level + j))
+                split.extend(dask.delayed(_split_partition, nout=pieces, pure=True)(
+                    part, pieces, seed + 1000 * level + j))
         parts, rows = _non_empty(list(dask.persist(*split)))
     return parts, rows
 
@@ -366,9 +383,7 @@ def _non_empty(parts: list) -> tuple[list, list[int]]:
 def _split_partition(part: tuple[np.ndarray, np.ndarray], pieces: int,
                      seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     rows, numbers = part
-    pivots = rows[np.random.default_rng(seed).choice(len(rows), size=pieces, replace=False)]
-    labels = _nearest_centre(torch.from_numpy(rows), torch.from_numpy(pivots)).numpy()
-    return tuple((rows[labels == j], numbers[labels == j]) for j in range(pieces))
+    return _split_by_pivot(rows, numbers, rows[np.random.default_rng(seed).choice(len(rows), pieces, replace=False)])
 
 
 def _row_count(part: tuple[np.ndarray, np.ndarray]) -> int:

@@ -30,13 +30,17 @@ History = dict[str, list[float]]
 BatchLoss = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
 
 
-def rotate_batch(batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each (C, S, S) image turned by k·90°, k drawn from {1, 2, 3} per image → (rotated batch, k per image)."""
+def rotate_batch(batch: torch.Tensor, generator: torch.Generator,
+                 quarter_turns: Sequence[int] = (1, 2, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (C, S, S) image turned by k·90°, k drawn per image from `quarter_turns` → (rotated batch, k per image)."""
     if batch.ndim != 4 or batch.shape[-1] != batch.shape[-2]:
         raise ValueError(f"rotate_batch needs a (N, C, S, S) batch of square images, got {tuple(batch.shape)}")
-    turns = torch.randint(1, 4, (len(batch),), generator=generator)
+    if not quarter_turns or not set(quarter_turns) <= {1, 2, 3}:
+        raise ValueError(f"quarter_turns must be a non-empty choice from 1, 2, 3, got {tuple(quarter_turns)}")
+    choices = torch.tensor(sorted(set(quarter_turns)))
+    turns = choices[torch.randint(len(choices), (len(batch),), generator=generator)]
     rotated = batch.clone()
-    for k in (1, 2, 3):
+    for k in choices.tolist():
         chosen = (turns == k).to(batch.device)
         rotated[chosen] = torch.rot90(batch[chosen], k, dims=(2, 3))
     return rotated, turns
@@ -71,7 +75,7 @@ def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        model = StyleDistillationNetwork(config.channels, config.sdn_base_width, config.image_size)
+        model = StyleDistillationNetwork(config.channels, config.sdn_base_width, config.image_size, config.sdn_depth)
 
     def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -79,8 +83,8 @@ def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config
         if oe_lambda == 0.0:
             kd = dssim_mse(model(batch), target)
             return {"loss": kd, "kd": kd}
-        rotated, _ = rotate_batch(batch, generator)
-        # One pass over both halves keeps the two terms on the same weights and halves the overhead.
+        rotated, _ = rotate_batch(batch, generator, config.oe_quarter_turns)
+        # One forward pass over both halves: fewer, larger convolutions run faster than two small ones.
         distilled, passed = model(torch.cat([batch, rotated])).chunk(2)
         kd, oer = dssim_mse(distilled, target), dssim_mse(passed, rotated)
         return {"loss": (1 - oe_lambda) * kd + oe_lambda * oer, "kd": kd, "oer": oer}

@@ -45,8 +45,7 @@ class PatchFeatureExtractor:
             pooled = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=False) for m in maps]
             upsampled = [pooled[0]] + [F.interpolate(p, size=self.grid, mode="bilinear", align_corners=False)
                                        for p in pooled[1:]]
-            features = torch.cat(upsampled, dim=1).permute(0, 2, 3, 1).reshape(len(batch), -1, sum(
-                self.backbone.channels))
+            features = torch.cat(upsampled, dim=1).permute(0, 2, 3, 1).flatten(1, 2)
             if self.config.target_dim is not None:
                 features = F.adaptive_avg_pool1d(features, self.config.target_dim)
             return np.ascontiguousarray(features.float().cpu().numpy())

@@ -24,9 +24,13 @@ from storage.line_config import PatchCoreConfig
 
 _FORMAT = "patchline-memory-bank/1"
 
-# Exact kNN as GEMM tiles, ‖q‖² + ‖b‖² − 2 q·b, with the row minimum taken while the tile is in cache.
-# Measured on this project's 2-core CPU, real Lite0 patch features (D = 152):
-# KNN_MEASUREMENTS
+# Exact k = 1 search as GEMM tiles, ‖q‖² + ‖b‖² − 2 q·b, each tile's row minimum taken while it is in
+# cache. `benchmarks/throughput.py --compare-knn`, 65,536 real Lite0 patch features (64 ELPV images, D =
+# 152), 2-core CPU shared with other jobs (load average 4.7-6.0), wall s / CPU s:
+#   bank rows   faiss IndexFlatL2   torch tiles (this)   torch addmm 1024 x bank   torch.cdist 1024 x bank
+#   4,515       3.82 / 2.49         2.01 / 1.32          6.21 / 4.06               11.49 / 7.51
+#   11,581      9.61 / 6.27         5.67 / 3.70          14.48 / 9.44              19.46 / 12.69
+# Other tile shapes tried (256-2,048 queries x 512-2,048 rows) were no faster: 14-18 images per CPU-second.
 CPU_TILES = (1024, 1024)
 # A GPU is fastest on the whole bank at once.
 CUDA_TILES = (16384, 1 << 30)
@@ -101,10 +105,11 @@ class PatchCoreScorer:
             return (offsets + (queries * queries).sum(1)).clamp_min_(0.0).sqrt_()
 
     def _squared_distance_offsets(self, queries: torch.Tensor) -> torch.Tensor:
-        """min over bank rows of ‖b‖² − 2 q·b, one bank tile at a time so each tile's GEMM output stays in cache."""
+        """min over bank rows of ‖b‖² − 2 q·b, a bank tile at a time so each tile's GEMM output stays in cache."""
+        tiles = zip(self.bank.split(self._bank_tile), self._bank_sq_norms.split(self._bank_tile))
         with torch.inference_mode():
             best = torch.full((len(queries),), torch.inf, device=self.device)
-            for rows, sq_norms in zip(self.bank.split(self._bank_tile), self._bank_sq_norms.split(self._bank_tile)):
+            for rows, sq_norms in tiles:
                 torch.minimum(best, torch.addmm(sq_norms, queries, rows.T, alpha=-2.0).amin(1), out=best)
             return best
 
@@ -129,7 +134,7 @@ class PatchCoreScorer:
                 or features.shape[2] != self.bank.shape[1]):
             raise ValueError(f"expected features (N ≥ 1, {height * width}, {self.bank.shape[1]}) for grid {grid} "
                              f"and this bank, got {tuple(features.shape)}")
-        distances = self.patch_distances(features.reshape(-1, features.shape[2])).view(len(features), height * width)
+        distances = self.patch_distances(features.reshape(-1, features.shape[2])).view(len(features), -1)
         with torch.inference_mode():
             scores = self._reweighted_scores(features, distances)
             maps = (self._map_operator(height, image_size) @ distances.view(-1, height, width)

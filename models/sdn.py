@@ -1,13 +1,15 @@
 """The style-distillation network (SDN) of OE-SDN: more capacity than the autoencoder it imitates.
 
 Choices (the paper publishes no layer details):
-- A U-Net: three stride-2 stages (width w, 2w, 4w, down to 1/8 of the side) and a decoder that
-  concatenates the encoder feature of the same scale, plus the input image itself at full size.
-  The skips give it far more capacity than the AE's dense bottleneck: it can copy its input
-  pixel for pixel, which the outlier-exposure term asks of it on rotated images, and it can also
-  learn the AE's blur on good images, which the distillation term asks.
-- So on a good image it outputs what the AE outputs, and on anything unlike the training images it
-  falls back towards copying; where the two differ, |SDN(x) − AE(x)| lights up.
+- A shallow U-Net: `depth` stride-2 stages (widths w, 2w, ...) and a decoder that concatenates the
+  encoder feature of the same scale, plus the input image itself at full size. The skips give it far
+  more capacity than the AE's dense bottleneck: it can copy its input pixel for pixel, which the
+  outlier-exposure term asks of it on rotated images, and it can learn the AE's blur, which the
+  distillation term asks on good images.
+- Shallow on purpose: with depth 2 each output pixel sees about 30 input pixels. Measured on ELPV, a
+  depth-3 SDN whose view spans the whole image learns the AE's whole mapping instead of its style:
+  it too paints a dark defect over with a normal-looking cell, and |SDN(x) − AE(x)| goes blind. A
+  local view can copy the blur but not the AE's idea of what a whole good part looks like.
 - Stride-2 convolutions instead of full-size ones, and the input skip instead of a full-size
   feature map, keep the cost close to the AE's on CPU.
 - No normalisation layers and a sigmoid output, as in the autoencoder.
@@ -17,8 +19,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-DOWNSAMPLING = 8
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -33,28 +33,31 @@ def _upsample(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 class StyleDistillationNetwork(nn.Module):
-    """(N, channels, S, S) in [0, 1] → an image of the same shape; S % 8 == 0."""
+    """(N, channels, S, S) in [0, 1] → an image of the same shape; S must be a multiple of 2**depth."""
 
-    def __init__(self, channels: int, base_width: int, image_size: int) -> None:
+    def __init__(self, channels: int, base_width: int, image_size: int, depth: int) -> None:
         super().__init__()
-        if image_size % DOWNSAMPLING:
-            raise ValueError(f"image_size must be a multiple of {DOWNSAMPLING} for the SDN, got {image_size}")
-        self.hyperparameters = {"channels": channels, "base_width": base_width, "image_size": image_size}
-        w = base_width
-        self.down1 = nn.Sequential(_conv(channels, w, 4, 2), _conv(w, w))
-        self.down2 = nn.Sequential(_conv(w, 2 * w, 4, 2), _conv(2 * w, 2 * w))
-        self.down3 = nn.Sequential(_conv(2 * w, 4 * w, 4, 2), _conv(4 * w, 4 * w))
-        self.up3 = _upsample(4 * w, 2 * w)
-        self.merge2 = _conv(4 * w, 2 * w)
-        self.up2 = _upsample(2 * w, w)
-        self.merge1 = _conv(2 * w, w)
-        self.up1 = _upsample(w, w // 2)
-        self.head = nn.Sequential(_conv(w // 2 + channels, w // 2), nn.Conv2d(w // 2, channels, 3, padding=1), nn.Sigmoid())
+        if depth < 1 or image_size % 2**depth:
+            raise ValueError(f"SDN depth must be ≥ 1 with image_size a multiple of 2**depth, "
+                             f"got depth {depth} and image_size {image_size}")
+        self.hyperparameters = {"channels": channels, "base_width": base_width,
+                                "image_size": image_size, "depth": depth}
+        widths = [base_width * 2**stage for stage in range(depth)]
+        self.downs = nn.ModuleList(
+            nn.Sequential(_conv(before, after, 4, 2), _conv(after, after))
+            for before, after in zip([channels, *widths], widths))
+        self.ups = nn.ModuleList(_upsample(after, before) for before, after in zip(widths, widths[1:]))
+        self.merges = nn.ModuleList(_conv(2 * width, width) for width in widths[:-1])
+        self.top = _upsample(widths[0], base_width // 2)
+        self.head = nn.Sequential(_conv(base_width // 2 + channels, base_width // 2),
+                                  nn.Conv2d(base_width // 2, channels, 3, padding=1), nn.Sigmoid())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        half = self.down1(images)
-        quarter = self.down2(half)
-        eighth = self.down3(quarter)
-        quarter = self.merge2(torch.cat([self.up3(eighth), quarter], dim=1))
-        half = self.merge1(torch.cat([self.up2(quarter), half], dim=1))
-        return self.head(torch.cat([self.up1(half), images], dim=1))
+        skips = []
+        features = images
+        for down in self.downs:
+            features = down(features)
+            skips.append(features)
+        for up, merge, skip in zip(reversed(self.ups), reversed(self.merges), reversed(skips[:-1])):
+            features = merge(torch.cat([up(features), skip], dim=1))
+        return self.head(torch.cat([self.top(features), images], dim=1))

@@ -4,9 +4,10 @@ Layout under `<root>/<line>/<config hash>/`: `features` (float32, one chunk per 
 Blosc-compressed), `ids` (the image id of every row) and `rows` (one chunk per block: how many images
 the block holds, 0 = not committed). A block's features and ids are written first and its `rows`
 entry last, so the `rows` entry is the commit marker: a writer killed at any point leaves at most an
-uncommitted block, which readers never see and the next writer overwrites. Every chunk write
-replaces a whole object (an atomic rename on local disk, a single PUT on object stores), so no
-reader can see a torn chunk either. One writer per store at a time.
+uncommitted block, which readers never see and the next writer overwrites. On local directories
+(`file://` URLs included) and object stores every chunk write replaces a whole object (an atomic
+rename, a single PUT), so no torn chunk can be read either; other fsspec filesystems may tear one.
+One writer per store at a time.
 
 The store is keyed by the backbone config alone, so it keeps growing night after night and only new
 images (by content hash) are extracted; `feature_key` identifies one training set's features in it.
@@ -85,7 +86,8 @@ class FeatureStore:
         if block_images is not None and block_images < 1:
             raise ValueError(f"block_images must be >= 1, got {block_images}")
         path = f"{line}/{config_hash(config)}"
-        root = os.fspath(root)
+        # Zarr's own local store writes by atomic rename and creates folders; fsspec's does neither.
+        root = os.fspath(root).removeprefix("file://")
         options = dict(storage_options) if storage_options else None
         if read_only:
             try:
@@ -138,7 +140,8 @@ class FeatureStore:
         images were written. A batch that is not a multiple of the block leaves a partly filled block.
         """
         if self._group.read_only:
-            raise ValueError(f"feature store {self._group.path} was opened read-only; open it with read_only=False to write")
+            raise ValueError(f"feature store {self._group.path} was opened read-only; "
+                             "open it with read_only=False to write")
         ids = list(ids)
         features = np.asarray(features)
         self._check_batch(ids, features)

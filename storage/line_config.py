@@ -68,11 +68,15 @@ class OeSdnConfig(_Strict):
     ae_base_width: int = Field(32, ge=4)
     ae_latent_dim: int = Field(64, ge=1)
     sdn_base_width: int = Field(64, ge=4)
+    # Stride-2 stages of the SDN's U-Net; more stages widen what each output pixel sees (models/sdn.py).
+    sdn_depth: int = Field(2, ge=1, le=5)
     epochs: int = Field(40, ge=1)
     sdn_epochs: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     oe_lambda: float = Field(0.5, ge=0, le=1)
+    # Outlier exposure turns each image by one of these multiples of 90°, drawn per image.
+    oe_quarter_turns: Annotated[tuple[Literal[1, 2, 3], ...], Field(min_length=1)] = (1, 2, 3)
     val_fraction: float = Field(0.1, ge=0, lt=1)
     patience: int = Field(8, ge=1)
     hflip: bool = True

@@ -106,14 +106,16 @@ def test_dask_coreset_covers_every_row_within_its_radius(client: Client) -> None
     assert len(coreset.indices) == size and len(np.unique(coreset.indices)) == size
     assert coreset.indices.dtype == np.int64 and 0 <= coreset.indices.min() and coreset.indices.max() < len(rows)
     # No projection at 24 dims: the reported radius is the true one in the data's own space.
-    nearest = np.sqrt(((rows[:, None, :].astype(np.float64) - rows[coreset.indices][None]) ** 2).sum(-1).min(1))
+    centres = rows[coreset.indices].astype(np.float64)
+    nearest = np.concatenate([np.sqrt(((block[:, None, :] - centres[None]) ** 2).sum(-1).min(1))
+                              for block in np.array_split(rows.astype(np.float64), 10)])
     assert nearest.max() <= coreset.radius * (1 + 1e-5)
     assert nearest.max() == pytest.approx(coreset.radius, rel=1e-5)
 
     exact = greedy_coreset(rows, size, device=CPU)
-    assert coreset.radius <= 1.25 * exact.radius
+    assert coreset.radius <= 1.10 * exact.radius
     random = np.random.default_rng(0).choice(len(rows), size, replace=False)
-    assert coverage_radius(rows, random, device=CPU) > 1.3 * coreset.radius
+    assert coverage_radius(rows, random, device=CPU) > 2 * coreset.radius
 
 
 def test_dask_coreset_radius_is_measured_in_the_projected_space(client: Client) -> None:

@@ -125,11 +125,11 @@ def test_nightly_survives_a_broken_line(first_rebuild, tmp_path):
     from flows.nightly import nightly
 
     good = save_line(tiny_config(), tmp_path / f"{LINE}.yaml")
+    query = f"name = '{registered_model_name(LINE)}'"
+    before = len(configure_mlflow().search_model_versions(query))
     state = nightly([str(good), str(broken_line(tmp_path))], return_state=True)
-    assert state.is_failed() and "1 of 2 lines failed: " in state.message and "broken" in state.message
-    assert champion_version(configure_mlflow(), LINE) is not None
-    versions = configure_mlflow().search_model_versions(f"name = '{registered_model_name(LINE)}'")
-    assert len(versions) == 3  # first rebuild, the rejected one, and tonight's
+    assert state.is_failed() and state.message.endswith("1 of 2 lines failed: broken")
+    assert len(configure_mlflow().search_model_versions(query)) == before + 1
 
 
 def test_deployments_carry_each_lines_cron(home):
@@ -170,3 +170,23 @@ def test_batch_scoring_writes_csv_and_heat_maps_and_reports_bad_files(first_rebu
         assert written[f"cell{i}.png"]["decision"] in ("good", "anomalous")
         assert written[f"cell{i}.png"]["model_version"] == champion
         assert (tmp_path / "out" / "heatmaps" / f"cell{i}.png").stat().st_size > 1000
+
+
+def test_cli_nightly_promote_and_rollback(first_rebuild, tmp_path):
+    from typer.testing import CliRunner
+
+    from patchline_cli import app
+
+    runner = CliRunner()
+    good = save_line(tiny_config(), tmp_path / f"{LINE}.yaml")
+    result = runner.invoke(app, ["nightly", str(good), str(broken_line(tmp_path))])
+    assert result.exit_code == 1
+    assert f"{LINE}: image AUROC patchcore" in result.output and "broken: FAILED" in result.output
+    client = configure_mlflow()
+    champion = champion_version(client, LINE).version
+    result = runner.invoke(app, ["promote", str(good), "2", "--reason", "operator check"])
+    assert result.exit_code == 0 and "champion is now v2" in result.output
+    result = runner.invoke(app, ["rollback", str(good)])
+    assert result.exit_code == 0 and f"champion is back to v{champion}" in result.output
+    result = runner.invoke(app, ["promote", str(good), "99"])
+    assert result.exit_code == 2 and "cannot promote version 99" in result.output
