@@ -14,8 +14,8 @@ from storage.paths import configure_environment
 configure_environment()
 
 from storage.ingest import IngestError, build_manifest  # noqa: E402  (environment first)
-from storage.line_config import (  # noqa: E402
-    ElpvSource, LineConfig, LineConfigError, MvtecSource, bundled_line_files, load_line, save_line)
+from models.config import ElpvSource, LineConfig, MvtecSource
+from storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
 from storage.mvtec import MvtecLayoutError  # noqa: E402
 
 app = typer.Typer(help="Nightly anomaly-detection model rebuilds, one per product line.",

@@ -61,7 +61,7 @@ def elpv_features(n: int) -> np.ndarray:
     """(n, 152) real patch features of the first ceil(n / 1024) elpv train normals."""
     from models.patch_features import PatchFeatureExtractor
     from storage.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows
-    from storage.line_config import ElpvSource, PatchCoreConfig
+    from models.config import ElpvSource, PatchCoreConfig
 
     images, _, _ = elpv_arrays()
     train = [int(row.source.removeprefix(SOURCE_PREFIX)) for row in elpv_rows(ElpvSource()) if row.split == "train"]

@@ -23,7 +23,8 @@ from models.images import pick_device
 from models.oesdn_scoring import image_scores, score_autoencoder, score_oesdn
 from models.oesdn_training import train_autoencoder, train_sdn
 from storage.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows
-from storage.line_config import ElpvSource, OeSdnConfig, load_line
+from models.config import ElpvSource, OeSdnConfig
+from storage.line_config import load_line
 
 logger = logging.getLogger("benchmarks.oesdn")
 

@@ -49,7 +49,8 @@ from models.metrics import image_auroc  # noqa: E402
 from models.patch_features import PatchFeatureExtractor  # noqa: E402
 from models.patchcore import PatchCoreScorer  # noqa: E402
 from storage.ingest import build_manifest  # noqa: E402
-from storage.line_config import LineConfig, load_line  # noqa: E402
+from models.config import LineConfig  # noqa: E402
+from storage.line_config import load_line
 from storage.manifest import ManifestRow  # noqa: E402
 from storage.pixels import read_pixels  # noqa: E402
 from tasks.patchcore import (SelectedCoreset, StoredFeatures, build_memory_bank_task,  # noqa: E402

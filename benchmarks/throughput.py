@@ -32,7 +32,7 @@ from models.images import pick_device  # noqa: E402
 from models.patch_features import PatchFeatureExtractor  # noqa: E402
 from models.patchcore import MemoryBank, PatchCoreScorer  # noqa: E402
 from storage.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
-from storage.line_config import ElpvSource, LineConfig, PatchCoreConfig  # noqa: E402
+from models.config import ElpvSource, LineConfig, PatchCoreConfig  # noqa: E402
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from models.backbones import backbone_weights_file
-from storage.line_config import LineConfig
+from models.config import LineConfig
 from storage.model_bundle import save_bundle
 from storage.paths import patchline_home
 from storage.registry import registered_model_name

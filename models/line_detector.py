@@ -23,7 +23,7 @@ from models.oesdn_scoring import score_autoencoder, score_oesdn
 from models.patch_features import PatchFeatureExtractor
 from models.patchcore import PatchCoreScorer
 from models.sdn import StyleDistillationNetwork
-from storage.line_config import LineConfig
+from models.config import LineConfig
 
 FUSED = "fused"
 

@@ -18,7 +18,7 @@ from models.detection import Detections
 from models.images import images_to_tensor
 from models.sdn import StyleDistillationNetwork
 from models.ssim import gaussian_blur, ssim_map
-from storage.line_config import OeSdnConfig
+from models.config import OeSdnConfig
 
 MapFunction = Callable[[torch.Tensor], torch.Tensor]
 

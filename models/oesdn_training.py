@@ -21,7 +21,7 @@ from models.autoencoder import ConvAutoencoder
 from models.images import images_to_tensor, pick_device
 from models.sdn import StyleDistillationNetwork
 from models.ssim import dssim_mse
-from storage.line_config import OeSdnConfig
+from models.config import OeSdnConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from models.backbones import build_backbone
 from models.images import images_to_tensor, pick_device
-from storage.line_config import PatchCoreConfig
+from models.config import PatchCoreConfig
 
 
 class PatchFeatureExtractor:

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from models.detection import Detections
 from models.images import pick_device
-from storage.line_config import PatchCoreConfig
+from models.config import PatchCoreConfig
 
 _FORMAT = "patchline-memory-bank/1"
 

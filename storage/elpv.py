@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from storage.line_config import ElpvSource
+from models.config import ElpvSource
 from storage.manifest import ManifestRow, content_hash
 
 SOURCE_PREFIX = "elpv:"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from storage.elpv import elpv_rows
-from storage.line_config import ElpvSource, LineConfig
+from models.config import ElpvSource, LineConfig
 from storage.manifest import Manifest
 from storage.mvtec import scan_mvtec
 

@@ -21,7 +21,8 @@ from models.line_detector import Calibration, LineDetector
 from models.oesdn_checkpoint import load_autoencoder, load_sdn, save_network
 from models.patch_features import PatchFeatureExtractor
 from models.patchcore import MemoryBank, PatchCoreScorer
-from storage.line_config import LineConfig, load_line, save_line
+from models.config import LineConfig
+from storage.line_config import load_line, save_line
 
 CONFIG, BACKBONE, BANK, AE, SDN, CALIBRATION = (
     "config.yaml", "backbone.pth", "memory_bank.safetensors", "autoencoder.safetensors", "sdn.safetensors",

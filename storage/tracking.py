@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from storage.line_config import LineConfig
+from models.config import LineConfig
 from storage.paths import patchline_home
 
 

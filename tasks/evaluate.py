@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from models.detection import Detections
 from models.line_detector import FUSED, Calibration, fit_calibration, fuse
 from models.metrics import best_detector, evaluate_detector
-from storage.line_config import LineConfig
+from models.config import LineConfig
 from storage.manifest import ManifestRow
 from storage.pixels import read_mask, read_pixels
 from storage.plots import plot_heatmap_gallery, plot_pr_curves, plot_roc_curves, plot_score_histograms

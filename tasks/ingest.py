@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from storage.ingest import build_manifest
-from storage.line_config import LineConfig
+from models.config import LineConfig
 from storage.manifest import Manifest, ManifestRow, hold_out_calibration
 
 

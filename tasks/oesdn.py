@@ -11,7 +11,7 @@ from torch import nn
 from models.detection import Detections
 from models.line_detector import reconstruction_detections
 from models.oesdn_training import train_autoencoder, train_sdn
-from storage.line_config import LineConfig
+from models.config import LineConfig
 from storage.manifest import ManifestRow
 from storage.pixels import read_pixels
 from tasks.timing import stopwatch

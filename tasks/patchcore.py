@@ -15,7 +15,7 @@ from models.patch_features import PatchFeatureExtractor
 from models.patchcore import MemoryBank, PatchCoreScorer
 from storage.dask_cluster import dask_client
 from storage.feature_store import FeatureStore
-from storage.line_config import LineConfig
+from models.config import LineConfig
 from storage.manifest import ManifestRow
 from storage.paths import patchline_home
 from storage.pixels import read_pixels

@@ -13,7 +13,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from models.metrics import image_auroc
-from storage.line_config import LineConfig, save_line
+from models.config import LineConfig
+from storage.line_config import save_line
 from storage.manifest import Manifest
 from storage.pixels import read_pixels
 from storage.pyfunc_model import log_line_model

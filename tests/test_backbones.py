@@ -13,7 +13,7 @@ from torchvision.models import wide_resnet50_2
 from models.backbones import build_backbone
 from models.images import imagenet_normalize
 from models.patch_features import PatchFeatureExtractor
-from storage.line_config import PatchCoreConfig
+from models.config import PatchCoreConfig
 
 SIZE = 128
 CPU = torch.device("cpu")

@@ -15,8 +15,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from models.metrics import image_auroc
 from storage.ingest import build_manifest
-from storage.line_config import (
-    ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, save_line)
+from models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig
+from storage.line_config import save_line
 from storage.pixels import read_pixels
 from storage.registry import CHAMPION, DECISION_TAG, champion_version, registered_model_name
 from storage.tracking import configure_mlflow

@@ -9,7 +9,7 @@ import pytest
 
 from storage.image_files import BadImageError, decode_image
 from storage.ingest import IngestError, build_manifest
-from storage.line_config import ElpvSource, LineConfig, MvtecSource
+from models.config import ElpvSource, LineConfig, MvtecSource
 from storage.mvtec import MvtecLayoutError
 from storage.pixels import read_mask, read_pixels
 from tests.conftest import textured, write_image

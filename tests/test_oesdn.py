@@ -15,7 +15,7 @@ from models.oesdn_training import rotate_batch, train_autoencoder, train_sdn
 from models.sdn import StyleDistillationNetwork
 from models.ssim import dssim, dssim_mse, ssim_map
 from storage.elpv import elpv_arrays
-from storage.line_config import OeSdnConfig
+from models.config import OeSdnConfig
 
 SIZE = 64
 CONFIG = OeSdnConfig(image_size=SIZE, channels=1, ae_base_width=8, ae_latent_dim=32, sdn_base_width=16,

@@ -14,7 +14,7 @@ from scipy.ndimage import gaussian_filter
 from models.patch_features import PatchFeatureExtractor
 from models.patchcore import MemoryBank, PatchCoreScorer
 from storage.elpv import elpv_arrays
-from storage.line_config import PatchCoreConfig
+from models.config import PatchCoreConfig
 
 CPU = torch.device("cpu")
 

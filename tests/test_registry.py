@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from storage.line_config import PromotionConfig
+from models.config import PromotionConfig
 from storage.registry import (
     CHALLENGER, CHAMPION, DECISION_TAG, REASON_TAG, apply_gate, champion_version, decide_promotion,
     promote, register_version, registered_model_name, rollback)

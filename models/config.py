@@ -1,0 +1,129 @@
+"""The typed configuration of one product line: what every detector, the gate and the schedule use.
+
+Pure pydantic, so the algorithms in `models/` can take their settings without touching storage;
+`storage/line_config.py` reads and writes these objects as YAML files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ElpvSource(_Strict):
+    """The bundled ELPV solar-cell set with the published anomaly-detection protocol."""
+
+    kind: Literal["elpv"] = "elpv"
+    cell_type: Literal["mono", "poly"] | None = None
+    test_size: float = Field(0.25, gt=0, lt=1)
+    seed: int = 42
+    # Reading only part of the data keeps tests and smoke runs short; None = every image.
+    limit_per_class: int | None = Field(None, ge=1)
+
+
+class MvtecSource(_Strict):
+    """A folder in the MVTec AD layout: train/good, test/<defect>, ground_truth/<defect>/<name>_mask.png."""
+
+    kind: Literal["mvtec"] = "mvtec"
+    root: Path
+
+
+class PatchCoreConfig(_Strict):
+    backbone: Literal["efficientnet-lite0", "efficientnet-lite2", "wide_resnet50_2"] = "efficientnet-lite0"
+    # Local weights file for torchvision backbones (nothing is downloaded at run time).
+    weights_path: Path | None = None
+    # Backbone stages whose outputs are concatenated (EfficientNet `_blocks` indices, ResNet `layerN`
+    # numbers), shallow first; None = the backbone's stride-8 and stride-16 stage ends.
+    layers: tuple[int, ...] | None = None
+    neighbourhood: int = Field(3, ge=1)
+    # Reduce concatenated patch features to this many dims (adaptive average pooling); None keeps all.
+    target_dim: int | None = Field(None, ge=1)
+    coreset_ratio: float = Field(0.01, gt=0, le=1)
+    projection_dim: int = Field(128, ge=1)
+    # Eq. 7 of the PatchCore paper; with 1 neighbour the weight is always 0.
+    reweight_neighbours: int = Field(9, ge=2)
+    smoothing_sigma: float = Field(4.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("neighbourhood")
+    @classmethod
+    def _odd(cls, size: int) -> int:
+        if size % 2 == 0:
+            raise ValueError(f"neighbourhood must be odd (centred on its patch), got {size}")
+        return size
+
+
+class OeSdnConfig(_Strict):
+    image_size: int = Field(128, ge=32)
+    channels: Literal[1, 3] = 1
+    ae_base_width: int = Field(32, ge=4)
+    ae_latent_dim: int = Field(64, ge=1)
+    sdn_base_width: int = Field(64, ge=4)
+    # Stride-2 stages of the SDN's U-Net; more stages widen what each output pixel sees (models/sdn.py).
+    sdn_depth: int = Field(2, ge=1, le=5)
+    epochs: int = Field(40, ge=1)
+    sdn_epochs: int = Field(40, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    oe_lambda: float = Field(0.5, ge=0, le=1)
+    # Outlier exposure turns each image by one of these multiples of 90°, drawn per image.
+    oe_quarter_turns: Annotated[tuple[Literal[1, 2, 3], ...], Field(min_length=1)] = (1, 2, 3)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    patience: int = Field(8, ge=1)
+    hflip: bool = True
+    vflip: bool = True
+    seed: int = 0
+    # Gaussian σ in pixels of the anomaly map, so one noisy pixel does not decide the image score.
+    smoothing_sigma: float = Field(2.0, ge=0)
+    # Image score = mean of the map's top k pixels; None = the map's maximum.
+    score_top_k: int | None = Field(None, ge=1)
+
+
+class EvaluationConfig(_Strict):
+    # Good training images held out of every fit, to calibrate thresholds and fusion on good images only.
+    calibration_fraction: float = Field(0.1, gt=0, lt=0.5)
+    # A threshold from good images only: this percentile of held-out good scores.
+    threshold_percentile: float = Field(99.0, gt=0, lt=100)
+    detectors: tuple[Literal["patchcore", "oesdn", "ae"], ...] = ("patchcore", "oesdn", "ae")
+    # The detector whose decisions the deployed model returns; "auto" = the best image AUROC of the rebuild.
+    decision_detector: Literal["auto", "patchcore", "oesdn", "ae", "fused"] = "auto"
+
+
+class PromotionConfig(_Strict):
+    metric: str = "image_auroc"
+    # The challenger may be worse than the champion by at most this much and still be promoted.
+    tolerance: float = Field(0.005, ge=0)
+
+
+class ScheduleConfig(_Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+
+class LineConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
+    description: str = ""
+    source: ElpvSource | MvtecSource = Field(discriminator="kind")
+    # "fail" stops ingest at the first bad file; "skip" records it in the manifest report and goes on.
+    on_bad_input: Literal["fail", "skip"] = "fail"
+    image_size: int = Field(256, ge=32)
+    patchcore: PatchCoreConfig = PatchCoreConfig()
+    oesdn: OeSdnConfig = OeSdnConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    # Scheduler address of an existing Dask cluster; None = a LocalCluster sized to the machine.
+    dask_address: str | None = None
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, size: int) -> int:
+        if size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (backbone strides), got {size}")
+        return size
