@@ -109,7 +109,10 @@ def main() -> None:
     parser.add_argument("--check-radius", action="store_true",
                         help="also run an exact greedy (untimed) and print radius_ratio")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    # Prefect configures logging on import; force ours so this script's and the coreset's progress show.
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
+                        force=True)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     torch.set_num_threads(2)
     config = peer_config(args.line, args.coreset)
     train, test = peer_split(config)

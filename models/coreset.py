@@ -31,6 +31,8 @@ _TILE = 1 << 22
 _PROJECTION_ROWS = 1 << 16
 # Coverage checks screen candidates in this few dimensions before measuring exact distances.
 _SCREEN_DIM = 32
+# The largest partition (its work grows with rows squared) sets the parallel run time.
+_MAX_PARTITION = 1.5
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def greedy_coreset(features: np.ndarray | torch.Tensor, size: int, *, projection
 
 
 def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = DEFAULT_PROJECTION_DIM,
-                        seed: int = 0, partitions: int | None = None, oversample: float = 1.5) -> Coreset:
+                        seed: int = 0, partitions: int | None = None, oversample: float = 1.25) -> Coreset:
     """Greedy k-center of `size` rows of a row-chunked Dask array (n, D), in parallel on the active Dask scheduler.
 
     Rows are projected block by block and routed to the nearest of `partitions` pivots (k-means
@@ -375,18 +377,18 @@ def _join_pieces(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarra
 
 
 def _balanced(parts: list, target_rows: float, seed: int) -> tuple[list, list[int]]:
-    """Persisted partitions with no empty ones and none over twice `target_rows`, and their row counts.
+    """Persisted non-empty partitions, none over `_MAX_PARTITION` x `target_rows`, and their row counts.
 
     A partition's work grows with its rows squared, so one that gathered too many rows (a broad
     cluster around one pivot) is split again around k-means centres of its own.
     """
     parts, rows = _non_empty(parts)
     for level in range(3):
-        if max(rows) <= 2 * target_rows:
+        if max(rows) <= _MAX_PARTITION * target_rows:
             break
         split = []
         for j, (part, count) in enumerate(zip(parts, rows)):
-            if count <= 2 * target_rows:
+            if count <= _MAX_PARTITION * target_rows:
                 split.append(part)
             else:
                 pieces = math.ceil(count / target_rows)

@@ -19,7 +19,7 @@ from models.config import OeSdnConfig
 
 SIZE = 64
 CONFIG = OeSdnConfig(image_size=SIZE, channels=1, ae_base_width=8, ae_latent_dim=32, sdn_base_width=16,
-                     epochs=12, sdn_epochs=12, batch_size=8, learning_rate=2e-3, val_fraction=0.1, patience=12)
+                     epochs=10, sdn_epochs=10, batch_size=8, learning_rate=2e-3, val_fraction=0.1, patience=10)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,8 +77,12 @@ def test_rotated_batch_is_each_image_turned_by_its_drawn_quarter_turns() -> None
     for image, turned, k in zip(batch, rotated, turns.tolist()):
         assert torch.equal(turned, torch.rot90(image, k, dims=(1, 2)))
         assert not torch.equal(turned, image)
+    _, odd_turns = rotate_batch(batch, torch.Generator().manual_seed(2), quarter_turns=(1, 3))
+    assert set(odd_turns.tolist()) == {1, 3}
     with pytest.raises(ValueError, match="square"):
         rotate_batch(torch.rand(2, 1, 16, 8), torch.Generator())
+    with pytest.raises(ValueError, match="quarter_turns"):
+        rotate_batch(batch, torch.Generator(), quarter_turns=(4,))
 
 
 def test_autoencoder_and_sdn_losses_decrease_on_real_cells(trained: dict) -> None:
@@ -141,7 +145,13 @@ def test_checkpoint_round_trip_gives_identical_outputs(trained: dict, tmp_path) 
         load_autoencoder(tmp_path / "broken.safetensors", torch.device("cpu"))
 
 
-def test_training_rejects_too_few_images(cells: tuple) -> None:
+def test_bad_inputs_raise_clear_errors(cells: tuple) -> None:
     train, _ = cells
     with pytest.raises(ValueError, match="at least 2 good images"):
         train_autoencoder(train[:1], CONFIG, torch.device("cpu"))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ConvAutoencoder(1, 8, 16, image_size=72)
+    with pytest.raises(ValueError, match="multiple of 2\\*\\*depth"):
+        StyleDistillationNetwork(1, 8, image_size=68, depth=3)
+    with pytest.raises(ValueError, match="oe_lambda"):
+        train_sdn(train, ConvAutoencoder(1, 8, 16, SIZE), CONFIG, oe_lambda=1.5)
