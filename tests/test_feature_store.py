@@ -101,7 +101,7 @@ def test_an_uncommitted_block_is_invisible_and_gets_overwritten(tmp_path: Path) 
 
 
 WRITER = textwrap.dedent("""
-    import sys
+    import sys, time
     sys.path.insert(0, {tests!r})
     from test_feature_store import CONFIG, batch
     from storage.feature_store import FeatureStore
@@ -110,6 +110,7 @@ WRITER = textwrap.dedent("""
     for start in range(0, len(ids), 2):
         store.write_batch(ids[start:start + 2], batch(ids[start:start + 2], 64, 96))
         print(len(store), flush=True)
+        time.sleep(0.01)
 """)
 
 

@@ -19,7 +19,7 @@ from models.config import OeSdnConfig
 
 SIZE = 64
 CONFIG = OeSdnConfig(image_size=SIZE, channels=1, ae_base_width=8, ae_latent_dim=32, sdn_base_width=16,
-                     epochs=10, sdn_epochs=10, batch_size=8, learning_rate=2e-3, val_fraction=0.1, patience=10)
+                     epochs=8, sdn_epochs=8, batch_size=8, learning_rate=2e-3, val_fraction=0.1, patience=8)
 
 
 @pytest.fixture(scope="module", autouse=True)
