@@ -9,7 +9,7 @@
 elpv train normals, 1,024 patches per image, truncated to n rows.
 
 Both selections read the rows back from the store: exact_s = read into memory + exact greedy;
-dask_s = the Dask coreset straight from the store on a LocalCluster of one worker per core
+dask_s = the Dask coreset straight from the store on a local cluster, one thread per core
 (cluster start-up excluded, as a nightly run reuses one). radius_ratio and random_radius_ratio are
 coverage radii in the full (unprojected) space, measured exactly, relative to the exact greedy's.
 The last line printed is the result.
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--data", choices=("clustered", "elpv"), default="clustered")
     parser.add_argument("--partitions", type=int, default=None, help="default: models.coreset.default_partitions")
     parser.add_argument("--patches", type=int, default=1000, help="rows per stored 'image' (clustered)")
-    parser.add_argument("--workers", type=int, default=None, help="Dask workers (default: one per core)")
+    parser.add_argument("--threads", type=int, default=None, help="Dask worker threads (default: one per core)")
     parser.add_argument("--store", type=Path, default=None, help="store root (default: a temporary folder)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -121,13 +121,13 @@ def main() -> None:
         exact_s = time.perf_counter() - start
         print(f"exact: {size} picks in {exact_s:.1f} s, projected radius {exact.radius:.4f}")
 
-        with dask_client(n_workers=args.workers) as client:
-            workers = len(client.scheduler_info()["workers"])
+        with dask_client(threads=args.threads) as client:
+            threads = sum(client.nthreads().values())
             start = time.perf_counter()
             table = store.as_dask_array().reshape(-1, dim)[:n]
             parallel = greedy_coreset_dask(table, size, partitions=args.partitions)
             dask_s = time.perf_counter() - start
-        print(f"dask: {workers} workers, {len(parallel.indices)} picks in {dask_s:.1f} s, "
+        print(f"dask: {threads} threads, {len(parallel.indices)} picks in {dask_s:.1f} s, "
               f"projected radius {parallel.radius:.4f}")
 
         random = np.random.default_rng(0).choice(n, size=size, replace=False)

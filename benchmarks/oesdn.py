@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from sklearn.metrics import roc_auc_score
 
-from models.detection import Detections
-from models.images import pick_device
-from models.oesdn_scoring import image_scores, score_autoencoder, score_oesdn
-from models.oesdn_training import train_autoencoder, train_sdn
-from storage.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows
-from models.config import ElpvSource, OeSdnConfig
-from storage.line_config import load_line
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.overrides import apply_settings  # noqa: E402
+from models.detection import Detections  # noqa: E402
+from models.images import pick_device  # noqa: E402
+from models.oesdn_scoring import image_scores, score_autoencoder, score_oesdn  # noqa: E402
+from models.oesdn_training import train_autoencoder, train_sdn  # noqa: E402
+from storage.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
+from models.config import ElpvSource, OeSdnConfig  # noqa: E402
+from storage.line_config import load_line  # noqa: E402
 
 logger = logging.getLogger("benchmarks.oesdn")
 
@@ -46,12 +50,7 @@ def benchmark_config(base: OeSdnConfig, epochs: int | None, size: int | None, se
         values.update(epochs=epochs, sdn_epochs=epochs)
     if size is not None:
         values["image_size"] = size
-    for setting in settings:
-        field, separator, value = setting.partition("=")
-        if not separator or field not in values:
-            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {', '.join(values)}, got {setting!r}")
-        values[field] = yaml.safe_load(value)
-    return OeSdnConfig.model_validate(values)
+    return OeSdnConfig.model_validate(apply_settings(values, settings))
 
 
 def auroc(labels: np.ndarray, detections: Detections, top_k: int | None = None) -> float:

@@ -3,7 +3,7 @@
     nice python benchmarks/peer_settings.py --line {elpv-mono,elpv,elpv-poly} [--coreset 0.01] [--check-radius]
 
 The same functions the nightly rebuild runs (tasks/patchcore.py: Zarr feature store, Dask coreset on a
-LocalCluster of one worker per core, memory bank), with the peers' settings forced onto the line's
+local cluster of one thread per core, memory bank), with the peers' settings forced onto the line's
 config: EfficientNet-Lite0 at 256 px, `_blocks` 4 and 10 (152 dims), coreset ratio `--coreset`, no
 dimension reduction. Train = every good train image of the line (no calibration hold-out, as the
 peers); test = test goods and anomalies (ambiguous cells dropped). torch uses 2 threads, as the peers.

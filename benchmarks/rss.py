@@ -24,6 +24,7 @@ class PeakRss:
         self.interval_s = interval_s
         self._root = psutil.Process(pid or os.getpid())
         self._peak_bytes = 0
+        self._own_peak_bytes: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, name="peak-rss", daemon=True)
 
@@ -37,14 +38,13 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         self._sample()
+        self._own_peak_bytes = _own_lifetime_peak_bytes()
 
     @property
     def peak_mb(self) -> float:
-        """Peak summed RSS in MB (2**20 bytes); at least this process's own lifetime peak, which the
-        kernel records exactly, in case a short spike fell between samples."""
-        own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        # ru_maxrss is in KiB on Linux, bytes on macOS.
-        own_bytes = own_peak if sys.platform == "darwin" else own_peak * 1024
+        """Peak summed RSS in MB (2**20 bytes); at least this process's own peak up to the end of the
+        block, which the kernel records exactly, in case a short spike fell between samples."""
+        own_bytes = self._own_peak_bytes if self._own_peak_bytes is not None else _own_lifetime_peak_bytes()
         return max(self._peak_bytes, own_bytes) / 2**20
 
     def _sample_until_stopped(self) -> None:
@@ -64,3 +64,9 @@ class PeakRss:
                 # A worker that exits between listing and reading holds no memory any more.
                 continue
         self._peak_bytes = max(self._peak_bytes, total)
+
+
+def _own_lifetime_peak_bytes() -> int:
+    own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    return own_peak if sys.platform == "darwin" else own_peak * 1024

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,7 +90,8 @@ def greedy_coreset(features: np.ndarray | torch.Tensor, size: int, *, projection
 
 
 def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = DEFAULT_PROJECTION_DIM,
-                        seed: int = 0, partitions: int | None = None, oversample: float = 1.25) -> Coreset:
+                        seed: int = 0, partitions: int | None = None, oversample: float = 1.25,
+                        scratch: str | os.PathLike | None = None) -> Coreset:
     """Greedy k-center of `size` rows of a row-chunked Dask array (n, D), in parallel on the active Dask scheduler.
 
     Rows are projected block by block and routed to the nearest of `partitions` pivots (k-means
@@ -100,6 +104,10 @@ def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = 
     picks than the smallest kept gap continues for more picks. A last distributed pass over all rows
     measures the true radius against every kept row. Runs on whatever Dask scheduler is active: open a
     distributed client (storage.dask_cluster.dask_client) to use a cluster.
+
+    Routed rows and partitions live in files under a temporary folder in `scratch` (default: the
+    system's temp dir; with a remote cluster, a folder its workers share), deleted at the end: memory
+    then holds a few blocks and partitions at a time, whatever the size of the features.
     """
     if not isinstance(features, da.Array) or features.ndim != 2:
         raise ValueError(f"features must be a 2-D dask array (rows, dim), got {type(features).__name__} "
@@ -115,24 +123,38 @@ def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = 
     if partitions is not None and partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
     started = time.perf_counter()
-    parts, part_rows = _partitions(features.rechunk({1: -1}), min(partitions or default_partitions(n), size, n),
-                                   jl_matrix(dim, projection_dim, seed), seed)
-    log.info("dask coreset: %d rows routed to %d partitions of %d..%d rows in %.1f s",
-             n, len(parts), min(part_rows), max(part_rows), time.perf_counter() - started)
-    traces, counts = _partition_picks(parts, part_rows, size, oversample, seed)
-    log.info("dask coreset: %d picks taken at %.1f s; measuring coverage", size, time.perf_counter() - started)
-
-    kept = [trace.local[:count] for trace, count in zip(traces, counts)]
-    centres = dask.delayed(np.concatenate)([dask.delayed(_take_rows, pure=True)(part, local)
-                                            for part, local in zip(parts, kept)])
-    radii_sq, rows = dask.compute(
-        [dask.delayed(_partition_radius_sq, pure=True)(part, local, centres) for part, local in zip(parts, kept)],
-        [dask.delayed(_global_rows, pure=True)(part, local) for part, local in zip(parts, kept)])
+    with tempfile.TemporaryDirectory(prefix="coreset-", dir=scratch) as folder:
+        parts, part_rows = _partitions(features.rechunk({1: -1}), min(partitions or default_partitions(n), size, n),
+                                       jl_matrix(dim, projection_dim, seed), seed, folder)
+        log.info("dask coreset: %d rows routed to %d partitions of %d..%d rows in %.1f s",
+                 n, len(parts), min(part_rows), max(part_rows), time.perf_counter() - started)
+        traces, counts = _partition_picks(parts, part_rows, size, oversample, seed)
+        log.info("dask coreset: %d picks taken at %.1f s; measuring coverage", size, time.perf_counter() - started)
+        kept = [trace.local[:count] for trace, count in zip(traces, counts)]
+        radius_sq, rows = _coverage(parts, kept)
     gaps_sq = np.concatenate([trace.gaps_sq[:count] for trace, count in zip(traces, counts)])
-    coreset = Coreset(indices=np.concatenate(rows)[np.argsort(-gaps_sq, kind="stable")].astype(np.int64),
-                      radius=math.sqrt(max(radii_sq)))
+    coreset = Coreset(indices=rows[np.argsort(-gaps_sq, kind="stable")].astype(np.int64), radius=math.sqrt(radius_sq))
     log.info("dask coreset: radius %.4f, done in %.1f s", coreset.radius, time.perf_counter() - started)
     return coreset
+
+
+def coverage_radius_dask(features: da.Array, indices: Sequence[int] | np.ndarray, *,
+                         projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
+                         partitions: int | None = None, scratch: str | os.PathLike | None = None) -> float:
+    """Largest distance from any row of a Dask array (n, D) to its nearest row among `indices`, in the
+    projected space `greedy_coreset_dask` with the same `seed` selects in; for arrays too large for
+    `coverage_radius`. Rows are routed as the coreset routes them, and each partition measures exactly
+    only the rows its own selected rows do not already bound below the running maximum.
+    """
+    n, dim = features.shape
+    chosen = np.unique(np.asarray(indices, dtype=np.int64))
+    if len(chosen) == 0 or chosen[0] < 0 or chosen[-1] >= n:
+        raise ValueError(f"indices must be non-empty and within [0, {n}), got {len(chosen)} indices")
+    with tempfile.TemporaryDirectory(prefix="coverage-", dir=scratch) as folder:
+        parts, _ = _partitions(features.rechunk({1: -1}), min(partitions or default_partitions(n), n),
+                               jl_matrix(dim, projection_dim, seed), seed, folder)
+        local = dask.compute(*[dask.delayed(_local_positions, pure=True)(part, chosen) for part in parts])
+        return math.sqrt(_coverage(parts, list(local))[0])
 
 
 def default_partitions(n_rows: int) -> int:
@@ -189,17 +211,36 @@ class _Trace:
         return float(self.nearest_sq.max())
 
 
-def _partitions(features: da.Array, count: int, matrix: np.ndarray | None, seed: int) -> tuple[list, list[int]]:
-    """Projected rows grouped by nearest pivot: persisted (rows (m, d), global row numbers (m,)) per
-    partition, and their row counts."""
+def _partitions(features: da.Array, count: int, matrix: np.ndarray | None, seed: int,
+                folder: str) -> tuple[list[str], list[int]]:
+    """Projected rows grouped by nearest pivot, one partition file pair per group (`_load_part`) in
+    `folder`: the non-empty partitions' path prefixes and row counts."""
     starts = np.concatenate([[0], np.cumsum(features.chunks[0])]).astype(np.int64)
     blocks = list(features.to_delayed().ravel())
     pivots = _sample_pivots(starts, blocks, matrix, count, np.random.default_rng(seed))
-    routed = [dask.delayed(_route_block, nout=count, pure=True)(block, int(start), matrix, pivots)
-              for block, start in zip(blocks, starts[:-1])]
-    parts = dask.persist(*[dask.delayed(_join_pieces, pure=True)([pieces[j] for pieces in routed])
-                           for j in range(count)])
-    return _balanced(list(parts), features.shape[0] / count, seed)
+    routed = os.path.join(folder, "routed")
+    os.makedirs(routed)
+    block_parts = [os.path.join(routed, str(i)) for i in range(len(blocks))]
+    # Each block's rows go to disk sorted by pivot; a partition then reads its slice of every block.
+    # Only the bounds travel through Dask, so no task holds more than one block or one partition.
+    bounds = np.stack(dask.compute(*[dask.delayed(_route_block, pure=True)(block, int(start), matrix, pivots, path)
+                                     for block, start, path in zip(blocks, starts[:-1], block_parts)]))
+    parts = [os.path.join(folder, f"p{j}") for j in range(count)]
+    rows = dask.compute(*[dask.delayed(_gather_partition, pure=True)(block_parts, bounds[:, j], bounds[:, j + 1], part)
+                          for j, part in enumerate(parts)])
+    shutil.rmtree(routed)
+    return _balanced(parts, list(rows), features.shape[0] / count, seed)
+
+
+def _coverage(parts: list, kept: list[np.ndarray]) -> tuple[float, np.ndarray]:
+    """(Largest squared distance from any row to the rows `kept` (local positions per partition), the
+    kept rows' global numbers in partition order)."""
+    centres = dask.delayed(np.concatenate)([dask.delayed(_take_rows, pure=True)(part, local)
+                                            for part, local in zip(parts, kept)])
+    radii_sq, rows = dask.compute(
+        [dask.delayed(_partition_radius_sq, pure=True)(part, local, centres) for part, local in zip(parts, kept)],
+        [dask.delayed(_global_rows, pure=True)(part, local) for part, local in zip(parts, kept)])
+    return max(radii_sq), np.concatenate(rows)
 
 
 def _partition_picks(parts: list, part_rows: list[int], size: int, oversample: float,
@@ -367,64 +408,82 @@ def _project_block(block: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
     return projected.numpy()
 
 
-def _route_block(block: np.ndarray, start: int, matrix: np.ndarray | None,
-                 pivots: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """Project one block and split its rows by nearest pivot: per pivot, (projected rows, global row numbers)."""
+def _route_block(block: np.ndarray, start: int, matrix: np.ndarray | None, pivots: np.ndarray,
+                 path: str) -> np.ndarray:
+    """Project one block, save its rows sorted by nearest pivot (with their global row numbers) as
+    the part `path`, and return the bounds: pivot j's rows are at bounds[j]:bounds[j + 1]."""
     projected = _project_block(block, matrix)
-    return _split_by_pivot(projected, np.arange(start, start + len(projected), dtype=np.int64), pivots)
+    rows, numbers, bounds = _sorted_by_pivot(projected, np.arange(start, start + len(projected), dtype=np.int64),
+                                             pivots)
+    _save_part(path, rows, numbers)
+    return bounds
 
 
-def _split_by_pivot(rows: np.ndarray, numbers: np.ndarray,
-                    pivots: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+def _sorted_by_pivot(rows: np.ndarray, numbers: np.ndarray,
+                     pivots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels = _nearest_centre(torch.from_numpy(rows), torch.from_numpy(pivots)).numpy()
-    return tuple((rows[labels == j], numbers[labels == j]) for j in range(len(pivots)))
+    # Stable, so each pivot's rows keep their order (ascending row numbers within a block).
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(len(pivots) + 1))
+    return rows[order], numbers[order], bounds
 
 
-def _join_pieces(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.concatenate([rows for rows, _ in pieces]), np.concatenate([numbers for _, numbers in pieces])
+def _gather_partition(block_parts: Sequence[str], lows: np.ndarray, highs: np.ndarray, path: str) -> int:
+    """Save rows lows[i]:highs[i] of every routed block i as the part `path`; returns its row count."""
+    pieces = [(rows[low:high], numbers[low:high]) for (rows, numbers), low, high
+              in zip(map(_map_part, block_parts), lows, highs) if high > low]
+    if not pieces:
+        return 0
+    return _save_part(path, np.concatenate([r for r, _ in pieces]), np.concatenate([n for _, n in pieces]))
 
 
-def _balanced(parts: list, target_rows: float, seed: int) -> tuple[list, list[int]]:
-    """Persisted non-empty partitions, none over `_MAX_PARTITION` x `target_rows`, and their row counts.
+def _save_part(path: str, rows: np.ndarray, numbers: np.ndarray) -> int:
+    np.save(path + ".rows.npy", rows)
+    np.save(path + ".numbers.npy", numbers)
+    return len(numbers)
+
+
+def _load_part(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(projected rows (m, d) float32, their global row numbers (m,) int64) of a saved part."""
+    return np.load(path + ".rows.npy"), np.load(path + ".numbers.npy")
+
+
+def _map_part(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A saved part memory-mapped: slicing reads only the rows taken."""
+    return np.load(path + ".rows.npy", mmap_mode="r"), np.load(path + ".numbers.npy", mmap_mode="r")
+
+
+def _balanced(parts: list[str], rows: list[int], target_rows: float, seed: int) -> tuple[list[str], list[int]]:
+    """The non-empty partitions, none over `_MAX_PARTITION` x `target_rows`, and their row counts.
 
     A partition's work grows with its rows squared, so one that gathered too many rows (a broad
     cluster around one pivot) is split again around k-means centres of its own.
     """
-    parts, rows = _non_empty(parts)
+    parts, rows = [p for p, r in zip(parts, rows) if r], [r for r in rows if r]
     for level in range(3):
         if max(rows) <= _MAX_PARTITION * target_rows:
             break
-        split = []
-        for j, (part, count) in enumerate(zip(parts, rows)):
-            if count <= _MAX_PARTITION * target_rows:
-                split.append(part)
-            else:
-                pieces = math.ceil(count / target_rows)
-                split.extend(dask.delayed(_split_partition, nout=pieces, pure=True)(
-                    part, pieces, seed + 1000 * level + j))
-        parts, rows = _non_empty(list(dask.persist(*split)))
+        oversized = [j for j, count in enumerate(rows) if count > _MAX_PARTITION * target_rows]
+        pieces = {j: [f"{parts[j]}.{i}" for i in range(math.ceil(rows[j] / target_rows))] for j in oversized}
+        counts = dict(zip(oversized, dask.compute(*[dask.delayed(_split_partition, pure=True)(
+            parts[j], pieces[j], seed + 1000 * level + j) for j in oversized])))
+        split = [(p, r) for j, (part, count) in enumerate(zip(parts, rows))
+                 for p, r in (zip(pieces[j], counts[j]) if j in counts else [(part, count)]) if r]
+        parts, rows = [p for p, _ in split], [r for _, r in split]
     return parts, rows
 
 
-def _non_empty(parts: list) -> tuple[list, list[int]]:
-    rows = dask.compute(*[dask.delayed(_row_count, pure=True)(part) for part in parts])
-    return [part for part, count in zip(parts, rows) if count], [count for count in rows if count]
+def _split_partition(part: str, pieces: list[str], seed: int) -> list[int]:
+    """Split a part around k-means centres of its own rows into the parts `pieces`; their row counts."""
+    rows, numbers = _load_part(part)
+    rows, numbers, bounds = _sorted_by_pivot(rows, numbers, _kmeans(rows, len(pieces), np.random.default_rng(seed)))
+    return [_save_part(piece, rows[bounds[i]:bounds[i + 1]], numbers[bounds[i]:bounds[i + 1]])
+            for i, piece in enumerate(pieces)]
 
 
-def _split_partition(part: tuple[np.ndarray, np.ndarray], pieces: int,
-                     seed: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    rows, numbers = part
-    return _split_by_pivot(rows, numbers, _kmeans(rows, pieces, np.random.default_rng(seed)))
-
-
-def _row_count(part: tuple[np.ndarray, np.ndarray]) -> int:
-    return len(part[1])
-
-
-def _partition_greedy(part: tuple[np.ndarray, np.ndarray], steps: int, seed: int, index: int,
-                      earlier: _Trace | None) -> _Trace:
+def _partition_greedy(part: str, steps: int, seed: int, index: int, earlier: _Trace | None) -> _Trace:
     """`steps` greedy picks in one partition, from a seeded random row or continuing `earlier`."""
-    columns = torch.from_numpy(part[0]).T.contiguous()
+    columns = torch.from_numpy(_load_part(part)[0]).T.contiguous()
     first = int(np.random.default_rng((seed, index)).integers(columns.shape[1]))
     picks, gaps_sq, nearest_sq = _farthest_first(
         columns, steps, first, None if earlier is None else torch.from_numpy(earlier.nearest_sq))
@@ -445,17 +504,22 @@ def _merge_traces(traces: Sequence[_Trace], size: int) -> tuple[list[int], float
     return counts, float(gaps[kept[-1]])
 
 
-def _take_rows(part: tuple[np.ndarray, np.ndarray], local: np.ndarray) -> np.ndarray:
-    return part[0][local]
+def _take_rows(part: str, local: np.ndarray) -> np.ndarray:
+    return np.asarray(_map_part(part)[0][local])
 
 
-def _global_rows(part: tuple[np.ndarray, np.ndarray], local: np.ndarray) -> np.ndarray:
-    return part[1][local]
+def _global_rows(part: str, local: np.ndarray) -> np.ndarray:
+    return np.asarray(_map_part(part)[1][local])
 
 
-def _partition_radius_sq(part: tuple[np.ndarray, np.ndarray], local: np.ndarray, centres: np.ndarray) -> float:
+def _local_positions(part: str, chosen: np.ndarray) -> np.ndarray:
+    """Positions in this partition of the rows whose global numbers are in the sorted `chosen`."""
+    return np.flatnonzero(np.isin(_map_part(part)[1], chosen, assume_unique=True))
+
+
+def _partition_radius_sq(part: str, local: np.ndarray, centres: np.ndarray) -> float:
     """Largest squared distance from a row of this partition to any kept row, bounded first by its own picks."""
-    rows = torch.from_numpy(part[0])
+    rows = torch.from_numpy(_load_part(part)[0])
     own = rows[torch.from_numpy(local)]
     bounds_sq = _min_sq(rows, own) if len(own) else torch.full((len(rows),), math.inf)
     return _max_min_sq(rows, torch.from_numpy(centres), bounds_sq)

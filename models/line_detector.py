@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from models.autoencoder import ConvAutoencoder
-from models.detection import Detections
+from models.detection import Detections, gather_detections
 from models.metrics import fit_fusion_normalisers, fuse_scores, threshold_from_good_scores
 from models.oesdn_scoring import score_autoencoder, score_oesdn
 from models.patch_features import PatchFeatureExtractor
@@ -100,16 +100,16 @@ class LineDetector:
 
     def score_patch_features(self, features: np.ndarray) -> Detections:
         """PatchCore on already extracted (N, H*W, D) features, e.g. read from the feature store."""
-        assert self.extractor is not None and self.scorer is not None
+        if self.extractor is None or self.scorer is None:
+            raise ValueError("patchcore is not enabled for this line: no extractor or memory bank")
         return self.scorer.score(features, self.extractor.grid, self.config.image_size)
 
     def score(self, images: Sequence[np.ndarray], progress: bool = False) -> dict[str, Detections]:
         """Uint8 images → detections of every enabled detector (and `fused` once calibrated)."""
         results: dict[str, Detections] = {}
         if "patchcore" in self.config.evaluation.detectors:
-            parts = [self.score_patch_features(f) for f in self.extractor.extract_images(images, progress)]
-            results["patchcore"] = Detections(np.concatenate([p.scores for p in parts]),
-                                              np.concatenate([p.maps for p in parts]))
+            batches = self.extractor.extract_images(images, progress)
+            results["patchcore"] = gather_detections(map(self.score_patch_features, batches), len(images))
         results.update(reconstruction_detections(self.config, self.autoencoder, self.sdn, images))
         if self.calibration is not None and len(results) > 1:
             results[FUSED] = fuse(results, self.calibration)

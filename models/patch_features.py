@@ -1,8 +1,8 @@
 """Locally aware patch features (PatchCore, Roth et al. CVPR 2022, section 3.1).
 
-Each tapped stage's map is averaged over a `neighbourhood` x `neighbourhood` window (stride 1), the
-coarser maps are upsampled bilinearly to the finest (stride-8) grid, and the maps are concatenated;
-optionally the channel axis is then adaptive-average-pooled to `target_dim`.
+Each tapped stage's map is averaged over a `neighbourhood` x `neighbourhood` window (stride 1, zero
+padded), the coarser maps are upsampled bilinearly to the finest (stride-8) grid, and the maps are
+concatenated; optionally the channel axis is then adaptive-average-pooled to `target_dim`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ class PatchFeatureExtractor:
         maps = self.backbone(batch)
         size = self.config.neighbourhood
         with torch.inference_mode():
-            # Averaging only over the window's pixels inside the map (no zero padding) keeps border
-            # patches on the same scale as the rest.
-            pooled = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=False) for m in maps]
+            # Zero padding counted in the average (as PatchCore's reference pooling does) damps border
+            # patches. Averaging only the in-map pixels instead measured lower on elpv-mono at the peer
+            # settings of issue 10: image AUROC 0.9386 / 0.9393 vs 0.9460 / 0.9473 (exact greedy, seeds 0 / 1).
+            pooled = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=True) for m in maps]
             upsampled = [pooled[0]] + [F.interpolate(p, size=self.grid, mode="bilinear", align_corners=False)
                                        for p in pooled[1:]]
             features = torch.cat(upsampled, dim=1).permute(0, 2, 3, 1).flatten(1, 2)

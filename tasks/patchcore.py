@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from models.coreset import Coreset, coreset_size, greedy_coreset_dask
-from models.detection import Detections
+from models.detection import Detections, gather_detections
 from models.patch_features import PatchFeatureExtractor
 from models.patchcore import MemoryBank, PatchCoreScorer
 from storage.dask_cluster import dask_client
@@ -19,6 +19,7 @@ from models.config import LineConfig
 from storage.manifest import ManifestRow
 from storage.paths import patchline_home
 from storage.pixels import read_pixels
+from tasks.heap import release_free_memory
 from tasks.timing import stopwatch
 
 # About this many bytes of features per Zarr chunk: big enough for fast reads, small enough to buffer.
@@ -50,7 +51,10 @@ class SelectedCoreset:
 def feature_key(config: LineConfig) -> dict:
     """Everything that changes a patch feature: another key means another store."""
     patchcore = config.patchcore
+    # "pooling" names the neighbourhood averaging; stores written before it (border-normalised means)
+    # hold other features and must not be reused.
     return {"backbone": patchcore.backbone, "weights": str(patchcore.weights_path or "package"),
+            "pooling": "mean-zero-padded",
             "layers": list(patchcore.layers or []), "neighbourhood": patchcore.neighbourhood,
             "target_dim": patchcore.target_dim, "image_size": config.image_size}
 
@@ -77,6 +81,7 @@ def extract_features_task(config: LineConfig, rows: list[ManifestRow], root: str
             chunk = pending[start:start + block]
             features = np.concatenate(list(extractor.extract_images([read_pixels(r.source) for r in chunk])))
             store.write_batch([r.id for r in chunk], features)
+        release_free_memory()
     get_run_logger().info("features: %d new of %d images (%s), store holds %d", len(pending), len(rows),
                           config.patchcore.backbone, len(store))
     return StoredFeatures(root, config.name, feature_key(config), extractor.grid, len(pending), elapsed[0])
@@ -89,8 +94,12 @@ def select_coreset_task(config: LineConfig, features: StoredFeatures, fit_rows: 
         stored = features.open().as_dask_array([row.id for row in fit_rows])
         patches = stored.reshape(-1, stored.shape[2])
         size = coreset_size(patches.shape[0], config.patchcore.coreset_ratio)
+        # Scratch files next to the store: a remote cluster's workers can read the store, so they share it.
+        scratch = None if "://" in features.root else features.root
         with dask_client(config.dask_address):
-            coreset = greedy_coreset_dask(patches, size, projection_dim=config.patchcore.projection_dim)
+            coreset = greedy_coreset_dask(patches, size, projection_dim=config.patchcore.projection_dim,
+                                          scratch=scratch)
+        release_free_memory()
     get_run_logger().info("coreset: %d of %d patches, coverage radius %.4f", size, patches.shape[0], coreset.radius)
     return SelectedCoreset(coreset, int(patches.shape[0]), elapsed[0])
 
@@ -121,6 +130,6 @@ def score_patchcore_task(features: StoredFeatures, bank: MemoryBank, rows: list[
     """PatchCore detections of `rows` from their stored features."""
     store = features.open()
     scorer = PatchCoreScorer(bank)
-    parts = [scorer.score(store.read([r.id for r in rows[i:i + batch]]), features.grid, bank.image_size)
-             for i in range(0, len(rows), batch)]
-    return Detections(np.concatenate([p.scores for p in parts]), np.concatenate([p.maps for p in parts]))
+    batches = (scorer.score(store.read([r.id for r in rows[i:i + batch]]), features.grid, bank.image_size)
+               for i in range(0, len(rows), batch))
+    return gather_detections(batches, len(rows))

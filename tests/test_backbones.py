@@ -121,11 +121,11 @@ def test_patch_features_are_3x3_means_on_the_stride8_grid(extractor: PatchFeatur
     assert features.shape == (2, 256, 152) and features.dtype == np.float32
     fine, coarse = (m.numpy() for m in extractor.backbone(batch))
     # Row-major patches; the first 40 channels are the stride-8 map averaged over 3 x 3 neighbours
-    # (only those inside the map at a corner).
+    # (zero padded: a corner's 4 in-map neighbours are divided by 9).
     assert np.allclose(features[1, 5 * 16 + 7, :40], fine[1, :, 4:7, 6:9].mean((1, 2)), atol=1e-5)
-    assert np.allclose(features[0, 0, :40], fine[0, :, 0:2, 0:2].mean((1, 2)), atol=1e-5)
+    assert np.allclose(features[0, 0, :40], fine[0, :, 0:2, 0:2].sum((1, 2)) / 9, atol=1e-5)
     # The stride-16 channels are their own 3 x 3 means, upsampled bilinearly to the 16 x 16 grid.
-    pooled = F.avg_pool2d(torch.from_numpy(coarse), 3, stride=1, padding=1, count_include_pad=False)
+    pooled = F.avg_pool2d(torch.from_numpy(coarse), 3, stride=1, padding=1, count_include_pad=True)
     upsampled = F.interpolate(pooled, size=(16, 16), mode="bilinear", align_corners=False)
     assert np.allclose(features[:, :, 40:], upsampled.permute(0, 2, 3, 1).reshape(2, 256, 112).numpy(), atol=1e-5)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from distributed import Client
 
-from models.coreset import (coreset_size, coverage_radius, greedy_coreset, greedy_coreset_dask,
-                            project_features)
+from models.coreset import (coreset_size, coverage_radius, coverage_radius_dask, greedy_coreset,
+                            greedy_coreset_dask, project_features)
 from storage.dask_cluster import ADDRESS_ENV, dask_client
 
 CPU = torch.device("cpu")
@@ -95,7 +95,7 @@ def test_bad_input_is_refused_with_the_reason() -> None:
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
-    with dask_client(n_workers=2) as started:
+    with dask_client(threads=2) as started:
         yield started
 
 
@@ -124,6 +124,19 @@ def test_dask_coreset_radius_is_measured_in_the_projected_space(client: Client) 
     assert len(coreset.indices) == 90
     projected = project_features(rows, projection_dim=32, seed=4)
     assert coverage_radius(projected, coreset.indices, device=CPU) == pytest.approx(coreset.radius, rel=1e-5)
+
+
+def test_dask_coverage_radius_equals_the_in_memory_one_for_any_rows(client: Client) -> None:
+    rows = clustered(5000, 160, seed=5)
+    # 50 blocks: routed rows reach the partitions through more than one merged group.
+    features = da.from_array(rows, chunks=(100, 160))
+    projected = project_features(rows, projection_dim=32, seed=2)
+    for picks in (np.random.default_rng(1).choice(len(rows), 60, replace=False), np.arange(0, 5000, 7)):
+        expected = coverage_radius(projected, picks, device=CPU)
+        radius = coverage_radius_dask(features, picks, projection_dim=32, seed=2, partitions=5)
+        assert radius == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match=r"within \[0, 5000\)"):
+        coverage_radius_dask(features, [4, 5000])
 
 
 def test_dask_client_connects_to_a_running_scheduler_by_address(client: Client,
