@@ -116,15 +116,17 @@ def main() -> None:
                                                             "patches": PATCHES, "clusters": CLUSTERS})
             write_s = write_store(store, images, args.dim, threads)
             store_gb = rows * args.dim * 4 / 1e9
-            log.info("store: %d images, %d rows x %d dims = %.1f GB (%.1f GB on disk) written in %.0f s",
-                     images, rows, args.dim, store_gb, folder_gb(root), write_s)
+            log.info("store: %d images, %d rows x %d dims = %.1f GB (%.1f GB on disk) written in %.0f s; "
+                     "peak RSS so far %.0f MB", images, rows, args.dim, store_gb, folder_gb(root), write_s,
+                     memory.peak_mb)
             size = coreset_size(rows, args.ratio)
             with dask_client(threads=threads):
                 table = store.as_dask_array().reshape(-1, args.dim)
                 started = time.perf_counter()
                 coreset = greedy_coreset_dask(table, size, projection_dim=projection_dim, scratch=root)
                 coreset_s = time.perf_counter() - started
-                log.info("coreset: %d of %d rows in %.0f s, radius %.4f", size, rows, coreset_s, coreset.radius)
+                log.info("coreset: %d of %d rows in %.0f s, radius %.4f; peak RSS so far %.0f MB", size, rows,
+                         coreset_s, coreset.radius, memory.peak_mb)
                 started = time.perf_counter()
                 sample = np.random.default_rng(1).choice(rows, size=size, replace=False)
                 sample_radius = coverage_radius_dask(table, sample, projection_dim=projection_dim, scratch=root)

@@ -123,7 +123,7 @@ def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = 
     if partitions is not None and partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="coreset-", dir=scratch) as folder:
+    with tempfile.TemporaryDirectory(prefix="coreset-", dir=scratch, ignore_cleanup_errors=True) as folder:
         parts, part_rows = _partitions(features.rechunk({1: -1}), min(partitions or default_partitions(n), size, n),
                                        jl_matrix(dim, projection_dim, seed), seed, folder)
         log.info("dask coreset: %d rows routed to %d partitions of %d..%d rows in %.1f s",
@@ -150,7 +150,7 @@ def coverage_radius_dask(features: da.Array, indices: Sequence[int] | np.ndarray
     chosen = np.unique(np.asarray(indices, dtype=np.int64))
     if len(chosen) == 0 or chosen[0] < 0 or chosen[-1] >= n:
         raise ValueError(f"indices must be non-empty and within [0, {n}), got {len(chosen)} indices")
-    with tempfile.TemporaryDirectory(prefix="coverage-", dir=scratch) as folder:
+    with tempfile.TemporaryDirectory(prefix="coverage-", dir=scratch, ignore_cleanup_errors=True) as folder:
         parts, _ = _partitions(features.rechunk({1: -1}), min(partitions or default_partitions(n), n),
                                jl_matrix(dim, projection_dim, seed), seed, folder)
         local = dask.compute(*[dask.delayed(_local_positions, pure=True)(part, chosen) for part in parts])
@@ -430,27 +430,49 @@ def _sorted_by_pivot(rows: np.ndarray, numbers: np.ndarray,
 
 def _gather_partition(block_parts: Sequence[str], lows: np.ndarray, highs: np.ndarray, path: str) -> int:
     """Save rows lows[i]:highs[i] of every routed block i as the part `path`; returns its row count."""
-    pieces = [(rows[low:high], numbers[low:high]) for (rows, numbers), low, high
-              in zip(map(_map_part, block_parts), lows, highs) if high > low]
+    pieces = [_read_part_rows(block, int(low), int(high)) for block, low, high in zip(block_parts, lows, highs)
+              if high > low]
     if not pieces:
         return 0
     return _save_part(path, np.concatenate([r for r, _ in pieces]), np.concatenate([n for _, n in pieces]))
 
 
+def _read_part_rows(path: str, low: int, high: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows low:high of a saved part and their numbers, read with plain file reads: memory-mapping
+    thousands of block files per partition counted their mapped pages into the process's RSS."""
+    _, dim = _part_shape(path)
+    with open(path + ".rows", "rb") as rows_file, open(path + ".numbers", "rb") as numbers_file:
+        rows_file.seek(low * dim * 4)
+        numbers_file.seek(low * 8)
+        return (np.fromfile(rows_file, dtype=np.float32, count=(high - low) * dim).reshape(high - low, dim),
+                np.fromfile(numbers_file, dtype=np.int64, count=high - low))
+
+
 def _save_part(path: str, rows: np.ndarray, numbers: np.ndarray) -> int:
-    np.save(path + ".rows.npy", rows)
-    np.save(path + ".numbers.npy", numbers)
+    # Raw files, not .npy: reading an .npy header parses it with `ast`, which CPython 3.11 does not
+    # do safely from several threads at once ("AST constructor recursion depth mismatch").
+    np.ascontiguousarray(rows, dtype=np.float32).tofile(path + ".rows")
+    np.ascontiguousarray(numbers, dtype=np.int64).tofile(path + ".numbers")
     return len(numbers)
 
 
 def _load_part(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(projected rows (m, d) float32, their global row numbers (m,) int64) of a saved part."""
-    return np.load(path + ".rows.npy"), np.load(path + ".numbers.npy")
+    rows, numbers = _map_part(path)
+    return np.array(rows), np.array(numbers)
+
+
+def _part_shape(path: str) -> tuple[int, int]:
+    """(rows, dim) of a saved part, from its files' sizes (float32 rows, int64 numbers)."""
+    count = os.path.getsize(path + ".numbers") // 8
+    return count, os.path.getsize(path + ".rows") // (4 * count)
 
 
 def _map_part(path: str) -> tuple[np.ndarray, np.ndarray]:
     """A saved part memory-mapped: slicing reads only the rows taken."""
-    return np.load(path + ".rows.npy", mmap_mode="r"), np.load(path + ".numbers.npy", mmap_mode="r")
+    count, dim = _part_shape(path)
+    return (np.memmap(path + ".rows", dtype=np.float32, mode="r", shape=(count, dim)),
+            np.memmap(path + ".numbers", dtype=np.int64, mode="r", shape=(count,)))
 
 
 def _balanced(parts: list[str], rows: list[int], target_rows: float, seed: int) -> tuple[list[str], list[int]]:

@@ -26,9 +26,9 @@ def dask_client(address: str | None = None, threads: int | None = None) -> Itera
     `address` (e.g. a line config's `dask_address`), else `$PATCHLINE_DASK_ADDRESS`, names an existing
     scheduler. With neither, a `LocalCluster` of one worker inside this process starts, running
     `threads` tasks at a time (default: one per core). In-process, the worker shares the torch this
-    process has already loaded: a worker process imports torch again, ~500 MB apiece, which took the
-    PatchCore fit on `elpv` from 2.4 GB to 3.7 GB peak, and the coreset's work is torch kernels that
-    release the GIL.
+    process has already loaded: a worker process imports torch again, ~500 MB apiece (elpv-mono's
+    PatchCore fit peaked at 3.3 GB with worker processes, 2.4 GB with threads, same coreset), and the
+    coreset's work is torch kernels that release the GIL.
     """
     address = address or os.environ.get(ADDRESS_ENV) or None
     if threads is not None and threads < 1:
