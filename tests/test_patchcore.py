@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from models.detection import Detections, gather_detections
 from models.patch_features import PatchFeatureExtractor
 from models.patchcore import MemoryBank, PatchCoreScorer
 from storage.elpv import elpv_arrays
@@ -129,3 +130,15 @@ def test_planted_defects_on_real_cells_outscore_held_out_good_cells() -> None:
     for heat in detections.maps[6:]:
         row, col = np.unravel_index(heat.argmax(), heat.shape)
         assert math.hypot(row - BLOB[0] * scale, col - BLOB[1] * scale) <= BLOB[2] * scale + 8, (row, col)
+
+
+def test_gathered_batches_keep_their_order_and_the_announced_count_is_checked() -> None:
+    batches = [Detections(np.array([1.0, 2.0], dtype=np.float32), np.full((2, 4, 4), 1.0, dtype=np.float32)),
+               Detections(np.array([3.0], dtype=np.float32), np.full((1, 4, 4), 3.0, dtype=np.float32))]
+    gathered = gather_detections(iter(batches), 3)
+    assert gathered.scores.tolist() == [1.0, 2.0, 3.0]
+    assert gathered.maps.shape == (3, 4, 4) and gathered.maps[2].min() == 3.0 and gathered.maps[1].max() == 1.0
+    with pytest.raises(ValueError, match="held 3 images, 4 were announced"):
+        gather_detections(iter(batches), 4)
+    with pytest.raises(ValueError, match="more than the 2 images announced"):
+        gather_detections(iter(batches), 2)
