@@ -24,9 +24,9 @@ def release_free_memory() -> None:
     """`malloc_trim(0)` where the C library is glibc; nothing elsewhere.
 
     glibc keeps what large temporaries freed (a batch's activations, the coreset's routed rows) in
-    its per-thread heaps, so a process's RSS stays at every earlier stage's high-water mark. On the
-    PatchCore fit of `elpv` extraction left ~700 MB of free heap behind, under the coreset's peak.
-    Making glibc unmap large blocks at once (`MALLOC_MMAP_THRESHOLD_`) saved as much but doubled
+    its per-thread heaps, so a process's RSS stays at every earlier stage's high-water mark: after
+    extracting 200 ELPV images, a trim returned 330 MB. Making glibc unmap large blocks at once
+    (`MALLOC_MMAP_THRESHOLD_`) cut the `elpv` PatchCore peak from 3,132 to 2,382 MB but doubled its
     extraction time, from page faults on every batch.
     """
     libc = _libc()
