@@ -136,7 +136,7 @@ def ui_command(
 
 
 DetectorsOption = Annotated[str | None, typer.Option(
-    help="Comma-separated detectors to build instead of the config's (patchcore, oesdn, ae).")]
+    help="Comma-separated detectors to build instead of the config's (patchcore, oesdn, ae, darkness).")]
 
 
 def _with_detectors(config: LineConfig, detectors: str | None) -> LineConfig:

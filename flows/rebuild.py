@@ -1,4 +1,5 @@
-"""The rebuild of one product line: ingest → features → coreset → bank ∥ AE → SDN → evaluate → MLflow → gate."""
+"""The rebuild of one product line: ingest → features → coreset → bank ∥ AE → SDN (→ darkness) → evaluate →
+MLflow → gate."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from storage.model_bundle import save_bundle
 from storage.paths import patchline_home
 from storage.registry import registered_model_name
 from storage.tracking import configure_mlflow
+from tasks.darkness import score_darkness_task
 from tasks.evaluate import Evaluation, evaluate_task
 from tasks.ingest import ingest_line
 from tasks.oesdn import score_reconstruction_task, train_autoencoder_task, train_sdn_task
@@ -82,6 +84,9 @@ def _rebuild(config: LineConfig, run_id: str, started: float) -> tuple[GateOutco
         if sdn is not None:
             histories["sdn"] = sdn.history
             extra["time_train_sdn_s"] = sdn.seconds
+    if "darkness" in detectors:
+        calibration_set.update(score_darkness_task(config, data.calibration))
+        test_set.update(score_darkness_task(config, data.test))
     evaluation = evaluate_task(config, data.test, calibration_set, test_set, work / "plots")
     bundle = save_bundle(work / "bundle", config, evaluation.calibration, **bundle_parts)
     extra["time_until_logging_s"] = time.perf_counter() - started

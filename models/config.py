@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -89,14 +89,28 @@ class OeSdnConfig(_Strict):
     score_top_k: int | None = Field(None, ge=1)
 
 
+# "darkness" is the mean electroluminescence darkness of an image (models/darkness.py).
+Detector = Literal["patchcore", "oesdn", "ae", "darkness"]
+
+
 class EvaluationConfig(_Strict):
     # Good training images held out of every fit, to calibrate thresholds and fusion on good images only.
     calibration_fraction: float = Field(0.1, gt=0, lt=0.5)
     # A threshold from good images only: this percentile of held-out good scores.
     threshold_percentile: float = Field(99.0, gt=0, lt=100)
-    detectors: tuple[Literal["patchcore", "oesdn", "ae"], ...] = ("patchcore", "oesdn", "ae")
+    detectors: tuple[Detector, ...] = ("patchcore", "oesdn", "ae")
+    # Weight of each detector's normalised score in `fused`; None = every detector alike. A detector
+    # missing here weighs 0 (it is still built, scored and reported on its own); weights of detectors
+    # that a run leaves out (e.g. `patchline rebuild --detectors`) are ignored.
+    fusion_weights: dict[Detector, Annotated[float, Field(ge=0)]] | None = None
     # The detector whose decisions the deployed model returns; "auto" = the best image AUROC of the rebuild.
-    decision_detector: Literal["auto", "patchcore", "oesdn", "ae", "fused"] = "auto"
+    decision_detector: Literal["auto", "patchcore", "oesdn", "ae", "darkness", "fused"] = "auto"
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> EvaluationConfig:
+        if self.fusion_weights is not None and not any(self.fusion_weights.values()):
+            raise ValueError("fusion_weights must give at least one detector a weight above 0")
+        return self
 
 
 class PromotionConfig(_Strict):

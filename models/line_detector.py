@@ -1,4 +1,4 @@
-"""One product line's detectors together: PatchCore, OE-SDN, the AE baseline, and their fusion.
+"""One product line's detectors together: PatchCore, OE-SDN, the AE baseline, mean darkness, and their fusion.
 
 Raw scores of different detectors live on different scales, so each is normalised with statistics of
 held-out good images (`Calibration`) before fusing; the same held-out scores give each detector its
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from models.autoencoder import ConvAutoencoder
+from models.darkness import score_darkness
 from models.detection import Detections, gather_detections
 from models.metrics import fit_fusion_normalisers, fuse_scores, threshold_from_good_scores
 from models.oesdn_scoring import score_autoencoder, score_oesdn
@@ -35,6 +36,9 @@ class Calibration:
     normalisers: dict[str, dict[str, float]]
     thresholds: dict[str, float]
     decision_detector: str
+    # Weights of the normalised scores in `fused` (None = alike); kept here so a deployed model fuses
+    # exactly as the rebuild that set its fused threshold did.
+    fusion_weights: dict[str, float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -44,21 +48,27 @@ class Calibration:
         return cls(**json.loads(text))
 
 
-def fit_calibration(good: dict[str, Detections], percentile: float, decision_detector: str) -> Calibration:
+def fit_calibration(good: dict[str, Detections], percentile: float, decision_detector: str,
+                    fusion_weights: dict[str, float] | None = None) -> Calibration:
     """Normalisers and thresholds from the held-out good images' detections of each base detector."""
     normalisers = fit_fusion_normalisers({name: d.scores for name, d in good.items()})
-    fused = fuse_scores({name: d.scores for name, d in good.items()}, normalisers)
+    if fusion_weights is not None:
+        fusion_weights = {name: weight for name, weight in fusion_weights.items() if name in good}
+        if not any(fusion_weights.values()):
+            raise ValueError(f"fusion_weights give every detector of this run ({sorted(good)}) weight 0")
+    fused = fuse_scores({name: d.scores for name, d in good.items()}, normalisers, fusion_weights)
     thresholds = {name: threshold_from_good_scores(d.scores, percentile) for name, d in good.items()}
     thresholds[FUSED] = threshold_from_good_scores(fused, percentile)
     if decision_detector not in thresholds:
         raise ValueError(f"decision detector {decision_detector!r} is not one of {sorted(thresholds)}")
-    return Calibration(normalisers, thresholds, decision_detector)
+    return Calibration(normalisers, thresholds, decision_detector, fusion_weights)
 
 
 def fuse(detections: dict[str, Detections], calibration: Calibration) -> Detections:
-    """The fused detector: mean of normalised scores, and of maps normalised with the same statistics."""
-    scores = fuse_scores({name: d.scores for name, d in detections.items()}, calibration.normalisers)
-    maps = fuse_scores({name: d.maps for name, d in detections.items()}, calibration.normalisers)
+    """The fused detector: weighted mean of normalised scores, and of maps normalised with the same statistics."""
+    weights = calibration.fusion_weights
+    scores = fuse_scores({name: d.scores for name, d in detections.items()}, calibration.normalisers, weights)
+    maps = fuse_scores({name: d.maps for name, d in detections.items()}, calibration.normalisers, weights)
     return Detections(scores.astype(np.float32), maps.astype(np.float32))
 
 
@@ -69,6 +79,13 @@ def resize_maps(detections: Detections, size: int) -> Detections:
     maps = F.interpolate(torch.from_numpy(detections.maps)[:, None], size=(size, size), mode="bilinear",
                          align_corners=False)[:, 0].numpy()
     return Detections(detections.scores, maps)
+
+
+def darkness_detections(config: LineConfig, images: Sequence[np.ndarray]) -> dict[str, Detections]:
+    """Mean-darkness detections when the line enables that detector (it needs no fitting)."""
+    if "darkness" not in config.evaluation.detectors:
+        return {}
+    return {"darkness": score_darkness(images, config.image_size)}
 
 
 def reconstruction_detections(config: LineConfig, autoencoder: ConvAutoencoder | None,
@@ -111,6 +128,7 @@ class LineDetector:
             batches = self.extractor.extract_images(images, progress)
             results["patchcore"] = gather_detections(map(self.score_patch_features, batches), len(images))
         results.update(reconstruction_detections(self.config, self.autoencoder, self.sdn, images))
+        results.update(darkness_detections(self.config, images))
         if self.calibration is not None and len(results) > 1:
             results[FUSED] = fuse(results, self.calibration)
         return results

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -148,21 +147,28 @@ def fit_fusion_normalisers(good_scores_by_detector: Mapping[str, ArrayLike]) -> 
 
 
 def fuse_scores(scores_by_detector: Mapping[str, ArrayLike], normalisers: Mapping[str, Mapping[str, float]],
-                combine: Literal["mean", "max"] = "mean") -> np.ndarray:
-    """Normalise each detector's scores (or equally shaped maps) with its good-image stats, then combine
-    elementwise by mean or max."""
-    if combine not in ("mean", "max"):
-        raise ValueError(f"combine must be 'mean' or 'max', got {combine!r}")
+                weights: Mapping[str, float] | None = None) -> np.ndarray:
+    """Normalise each detector's scores (or equally shaped maps) with its good-image stats, then take
+    their weighted mean elementwise; `weights` None = every detector alike, a detector left out weighs 0."""
     if set(scores_by_detector) != set(normalisers) or not normalisers:
         raise ValueError(f"detectors with scores {sorted(scores_by_detector)} differ from detectors with "
                          f"normalisers {sorted(normalisers)}")
-    normalised = [(np.asarray(scores, dtype=np.float64) - normalisers[name]["center"]) / normalisers[name]["scale"]
-                  for name, scores in scores_by_detector.items()]
-    shapes = {array.shape for array in normalised}
-    if len(shapes) != 1:
-        raise ValueError(f"detectors' scores differ in shape: {sorted(shapes)}")
-    stacked = np.stack(normalised)
-    return stacked.mean(axis=0) if combine == "mean" else stacked.max(axis=0)
+    weights = {name: 1.0 for name in scores_by_detector} if weights is None else weights
+    if set(weights) - set(scores_by_detector):
+        raise ValueError(f"weights name {sorted(set(weights) - set(scores_by_detector))}, which have no scores")
+    total = sum(weights.get(name, 0.0) for name in scores_by_detector)
+    if total <= 0 or any(weight < 0 for weight in weights.values()):
+        raise ValueError(f"weights must be >= 0 with a positive sum over the detectors, got {dict(weights)}")
+    fused = None
+    for name, scores in scores_by_detector.items():
+        weight = weights.get(name, 0.0)
+        if weight == 0:
+            continue
+        normalised = (np.asarray(scores, dtype=np.float64) - normalisers[name]["center"]) / normalisers[name]["scale"]
+        if fused is not None and normalised.shape != fused.shape:
+            raise ValueError(f"detectors' scores differ in shape: {normalised.shape} and {fused.shape}")
+        fused = weight * normalised if fused is None else fused + weight * normalised
+    return fused / total
 
 
 def best_detector(metrics_by_detector: Mapping[str, Mapping[str, float]], metric: str = "image_auroc") -> str:

@@ -44,7 +44,8 @@ def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_
                   test_set: dict[str, Detections], out_dir: Path) -> Evaluation:
     """Metrics of every detector (and the fused one) on the test rows, thresholds from held-out goods."""
     settings = config.evaluation
-    calibration = fit_calibration(calibration_set, settings.threshold_percentile, next(iter(calibration_set)))
+    calibration = fit_calibration(calibration_set, settings.threshold_percentile, next(iter(calibration_set)),
+                                  settings.fusion_weights)
     good_scores = {name: d.scores for name, d in calibration_set.items()}
     test_set = dict(test_set)
     if len(calibration_set) > 1:

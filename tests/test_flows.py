@@ -41,7 +41,8 @@ def tiny_config(**changes) -> LineConfig:
         name=LINE, source=ElpvSource(cell_type="mono", limit_per_class=12), image_size=64,
         patchcore=PatchCoreConfig(coreset_ratio=0.1),
         oesdn=OeSdnConfig(image_size=32, epochs=3, sdn_epochs=3, batch_size=8, ae_base_width=8, sdn_base_width=16),
-        evaluation=EvaluationConfig(calibration_fraction=0.3))
+        evaluation=EvaluationConfig(calibration_fraction=0.3, detectors=("patchcore", "oesdn", "ae", "darkness"),
+                                    fusion_weights={"patchcore": 1.0, "darkness": 0.5}))
     return config.model_copy(update=changes)
 
 
@@ -58,7 +59,8 @@ def test_rebuild_logs_everything_and_the_first_version_becomes_champion(first_re
     run = client.get_run(first_rebuild["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["patchcore.backbone"] == "efficientnet-lite0" and run.data.params["image_size"] == "64"
-    for key in ("image_auroc", "patchcore_image_auroc", "oesdn_image_auroc", "ae_image_auroc", "fused_image_auroc",
+    for key in ("image_auroc", "patchcore_image_auroc", "oesdn_image_auroc", "ae_image_auroc", "darkness_image_auroc",
+                "fused_image_auroc",
                 "patchcore_threshold", "time_extract_features_s", "time_coreset_s", "memory_bank_rows",
                 "manifest_train_good"):
         assert key in run.data.metrics, key
@@ -78,7 +80,7 @@ def test_champion_model_scores_like_the_rebuild(first_rebuild):
     output = model.predict([read_pixels(r.source) for r in rows])
     labels = [r.label == "anomaly" for r in rows]
     metrics = client.get_run(first_rebuild["run_id"]).data.metrics
-    for detector in ("patchcore", "oesdn", "ae", "fused"):
+    for detector in ("patchcore", "oesdn", "ae", "darkness", "fused"):
         assert image_auroc(output[f"score_{detector}"], labels) == pytest.approx(metrics[f"{detector}_image_auroc"], abs=1e-6)
     assert output["anomaly_map"].shape == (len(rows), 64, 64)
     assert set(np.unique(output["decision"])) <= {True, False}

@@ -131,10 +131,12 @@ def test_fusion_normalises_with_median_and_mad_of_good_scores() -> None:
     assert normalisers == {"a": {"center": 3.0, "scale": pytest.approx(1.4826)},
                            "b": {"center": 30.0, "scale": pytest.approx(14.826)}}
     test_scores = {"a": np.array([3.0, 3 + 1.4826]), "b": np.array([30.0, 30 + 2 * 14.826])}
-    np.testing.assert_allclose(fuse_scores(test_scores, normalisers, "mean"), [0.0, 1.5])
-    np.testing.assert_allclose(fuse_scores(test_scores, normalisers, "max"), [0.0, 2.0])
+    np.testing.assert_allclose(fuse_scores(test_scores, normalisers), [0.0, 1.5])
+    # Weighted: (1 × 1 + 3 × 2) / 4; a detector left out of the weights weighs 0.
+    np.testing.assert_allclose(fuse_scores(test_scores, normalisers, {"a": 1.0, "b": 3.0}), [0.0, 1.75])
+    np.testing.assert_allclose(fuse_scores(test_scores, normalisers, {"b": 2.0}), [0.0, 2.0])
     maps = {"a": np.full((2, 4, 4), 3 + 1.4826), "b": np.full((2, 4, 4), 30.0)}
-    np.testing.assert_allclose(fuse_scores(maps, normalisers, "mean"), np.full((2, 4, 4), 0.5))
+    np.testing.assert_allclose(fuse_scores(maps, normalisers), np.full((2, 4, 4), 0.5))
 
 
 def test_best_detector_picks_the_highest_metric() -> None:
@@ -200,6 +202,10 @@ def test_evaluate_detector_without_ambiguous_or_pixels_leaves_those_metrics_out(
     (lambda: aupro(np.zeros((1, 2, 2)), np.eye(2, dtype=bool)[None], fpr_limit=0), "fpr_limit"),
     (lambda: fit_fusion_normalisers({"a": [1.0, 1.0, 1.0, 5.0]}), "zero spread"),
     (lambda: fuse_scores({"a": [1.0]}, {"b": {"center": 0.0, "scale": 1.0}}), "differ from detectors"),
+    (lambda: fuse_scores({"a": [1.0]}, {"a": {"center": 0.0, "scale": 1.0}}, {"b": 1.0}), "have no scores"),
+    (lambda: fuse_scores({"a": [1.0]}, {"a": {"center": 0.0, "scale": 1.0}}, {"a": 0.0}), "positive sum"),
+    (lambda: fuse_scores({"a": [1.0], "b": [1.0]}, {n: {"center": 0.0, "scale": 1.0} for n in "ab"},
+                         {"a": 1.0, "b": -1.0}), "positive sum"),
     (lambda: evaluate_detector([1.0, 2.0], ["good", "defect"], good_scores_for_threshold=[1.0]), "labels must be"),
     (lambda: evaluate_detector([1.0, 2.0], ["good", "anomaly"], maps=np.zeros((2, 2, 2)),
                                good_scores_for_threshold=[1.0]), "go together"),

@@ -1,0 +1,34 @@
+"""Mean darkness: a fit-free global detector for electroluminescence (EL) images.
+
+An EL image shows where a solar cell emits light under forward bias; cracked-off, inactive or badly
+contacted regions emit little and show dark, so a defective cell is on average darker than a good
+one. On the ELPV protocol mean darkness alone reaches image AUROC ~0.78, and it catches cells that
+look uniformly dim, which patch detectors (comparing local texture) rank low — see "What was tried"
+in benchmarks/README.md. It has no notion of where the defect is, so its map is flat: in the fused
+map it shifts a whole image up or down and leaves the localisation to the other detectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from models.detection import Detections
+
+
+def score_darkness(images: Sequence[np.ndarray], map_size: int) -> Detections:
+    """uint8 images (H, W) or (H, W, C) → score = 1 − mean intensity in [0, 1]; map = that score everywhere."""
+    scores = np.empty(len(images), dtype=np.float32)
+    for index, image in enumerate(images):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            raise ValueError(f"image {index}: expected uint8 pixels, got {array.dtype}")
+        if array.ndim == 3:
+            # An alpha channel says nothing about brightness.
+            array = array[:, :, :3]
+        elif array.ndim != 2:
+            raise ValueError(f"image {index}: expected (H, W) or (H, W, C), got {array.shape}")
+        scores[index] = 1.0 - array.mean(dtype=np.float64) / 255.0
+    maps = np.broadcast_to(scores[:, None, None], (len(images), map_size, map_size)).copy()
+    return Detections(scores, maps)
