@@ -11,8 +11,9 @@ the held-out calibration goods, the test split and the ambiguous (1/3, 2/3 proba
 For each darkness weight w (PatchCore 1), fused = (PatchCore + w · darkness) / (1 + w) on scores
 median/MAD-normalised with the calibration goods, as a rebuild fuses. Printed per weight: image AUROC
 on the test split (and its mono / poly subsets), and outside the protocol the 1/3- and the
-2/3-probability cells each against the calibration goods. Then a cross-validated estimate of picking w on the test split: pick
-the best w on one stratified half, measure it on the other, both ways, over 20 random halvings.
+2/3-probability cells each against the calibration goods. Then a cross-validated estimate of picking
+w on the test split: pick the best w on one stratified half, measure it on the other, both ways, over
+20 random halvings.
 Ends with one line:
     fusion line=<l> best_w=<w> auroc=<a> auroc_w0=<a0> cv_auroc=<mean> cv_sd=<sd> cv_picks=<w:count,...>
 """
@@ -33,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from storage.line_config import load_line  # noqa: E402
 
-log = logging.getLogger("benchmarks.fusion_weights")
 HALVINGS = 20
 
 
@@ -41,15 +41,17 @@ def _auroc_table(fused: dict[float, dict[str, np.ndarray]], test_labels: np.ndar
                  ambiguous_levels: np.ndarray) -> None:
     from models.metrics import image_auroc
 
-    goods = {w: scores["calibration"] for w, scores in fused.items()}
     for weight, scores in fused.items():
-        test = scores["test"]
+        test, goods = scores["test"], scores["calibration"]
         subsets = [f"{kind}={image_auroc(test[cell_types == kind], test_labels[cell_types == kind]):.4f}"
                    for kind in ("mono", "poly") if len(set(test_labels[cell_types == kind])) == 2]
         # Outside the protocol: ambiguous cells of one probability level against the calibration goods.
-        outside = [f"p{level}/3_vs_calibration={image_auroc(np.r_[goods[weight], scores['ambiguous'][ambiguous_levels == level]], np.r_[np.zeros(len(goods[weight]), bool), np.ones(int((ambiguous_levels == level).sum()), bool)]):.4f}"
-                   for level in (1, 2) if (ambiguous_levels == level).any()]
-        print(f"w={weight:<6g} test={image_auroc(test, test_labels):.4f} " + " ".join(subsets + outside), flush=True)
+        for level in (1, 2):
+            cells = scores["ambiguous"][ambiguous_levels == level]
+            if len(cells):
+                labels = np.r_[np.zeros(len(goods), bool), np.ones(len(cells), bool)]
+                subsets.append(f"p{level}/3_vs_calibration={image_auroc(np.r_[goods, cells], labels):.4f}")
+        print(f"w={weight:<6g} test={image_auroc(test, test_labels):.4f} " + " ".join(subsets), flush=True)
 
 
 def _cross_validated(fused: dict[float, np.ndarray], labels: np.ndarray) -> tuple[list[float], list[float]]:
