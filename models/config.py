@@ -104,7 +104,7 @@ class EvaluationConfig(_Strict):
     # that a run leaves out (e.g. `patchline rebuild --detectors`) are ignored.
     fusion_weights: dict[Detector, Annotated[float, Field(ge=0)]] | None = None
     # The detector whose decisions the deployed model returns; "auto" = the best image AUROC of the rebuild.
-    decision_detector: Literal["auto", "patchcore", "oesdn", "ae", "darkness", "fused"] = "auto"
+    decision_detector: Literal[Detector, "auto", "fused"] = "auto"
 
     @model_validator(mode="after")
     def _some_weight(self) -> EvaluationConfig:
