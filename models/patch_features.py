@@ -37,6 +37,8 @@ class PatchFeatureExtractor:
 
     def extract(self, batch: torch.Tensor) -> np.ndarray:
         """(N, 3, S, S) float batch in [0, 1] → (N, H*W, D) float32 patch features."""
+        if self.config.normalise_brightness:
+            batch = median_to_mid_grey(batch)
         maps = self.backbone(batch)
         size = self.config.neighbourhood
         with torch.inference_mode():
@@ -57,3 +59,10 @@ class PatchFeatureExtractor:
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="patch features", unit="batch", disable=None if progress else True):
             yield self.extract(images_to_tensor(images[start:start + batch_size], self.image_size))
+
+
+def median_to_mid_grey(batch: torch.Tensor) -> torch.Tensor:
+    """Scale each image of a (N, C, H, W) batch in [0, 1] so its median is 0.5, clipped to [0, 1]."""
+    # The floor keeps an all-black image finite (it stays black).
+    median = batch.flatten(1).median(dim=1).values.clamp_min(1 / 255)
+    return (batch * (0.5 / median).view(-1, 1, 1, 1)).clamp(0.0, 1.0)

@@ -56,6 +56,7 @@ def feature_key(config: LineConfig) -> dict:
     return {"backbone": patchcore.backbone, "weights": str(patchcore.weights_path or "package"),
             "pooling": "mean-zero-padded",
             "layers": list(patchcore.layers or []), "neighbourhood": patchcore.neighbourhood,
+            "normalise_brightness": patchcore.normalise_brightness,
             "target_dim": patchcore.target_dim, "image_size": config.image_size}
 
 

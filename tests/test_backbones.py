@@ -147,3 +147,18 @@ def test_extract_images_yields_batches_of_uint8_images(extractor: PatchFeatureEx
     assert [len(b) for b in batches] == [2, 2, 1]
     expected = extractor.extract(torch.full((1, 3, SIZE, SIZE), 160 / 255))
     assert np.allclose(batches[2], expected, atol=1e-4)
+
+
+def test_normalise_brightness_maps_a_dimmer_copy_to_the_same_features(extractor: PatchFeatureExtractor) -> None:
+    # A textured image in [0.1, 0.6] with median ~0.35, and the same image at 60 % of its brightness.
+    bright = 0.1 + 0.5 * _batch(1)
+    dim = 0.6 * bright
+    normalising = PatchFeatureExtractor(PatchCoreConfig(normalise_brightness=True), SIZE, CPU)
+    same, apart = normalising.extract(torch.cat([bright, dim])), extractor.extract(torch.cat([bright, dim]))
+    assert np.allclose(same[0], same[1], atol=1e-4)
+    assert not np.allclose(apart[0], apart[1], atol=1e-2), "brightness alone should move raw features"
+    # Normalising scaled the bright image by 0.5 / its median, so its features are those of that copy.
+    median = bright.flatten().median()
+    assert np.allclose(same[0], extractor.extract(bright * (0.5 / median))[0], atol=1e-4)
+    # An all-black image stays black instead of dividing by zero.
+    assert np.isfinite(normalising.extract(torch.zeros(1, 3, SIZE, SIZE))).all()
