@@ -39,7 +39,8 @@ def tiny_config(**changes) -> LineConfig:
     """A few dozen mono cells at 64 px: big enough for every step to do real work, small enough for CI."""
     config = LineConfig(
         name=LINE, source=ElpvSource(cell_type="mono", limit_per_class=12), image_size=64,
-        patchcore=PatchCoreConfig(coreset_ratio=0.1),
+        # Brightness normalised as elpv-mono is, so the champion's pyfunc must reproduce it too.
+        patchcore=PatchCoreConfig(coreset_ratio=0.1, normalise_brightness=True),
         oesdn=OeSdnConfig(image_size=32, epochs=3, sdn_epochs=3, batch_size=8, ae_base_width=8, sdn_base_width=16),
         evaluation=EvaluationConfig(calibration_fraction=0.3, detectors=("patchcore", "oesdn", "ae", "darkness"),
                                     fusion_weights={"patchcore": 1.0, "darkness": 0.5}))
