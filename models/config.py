@@ -42,9 +42,9 @@ class PatchCoreConfig(_Strict):
     # numbers), shallow first; None = the backbone's stride-8 and stride-16 stage ends.
     layers: tuple[int, ...] | None = None
     neighbourhood: int = Field(3, ge=1)
-    # Scale each image so its median intensity is mid-grey before the backbone. Electroluminescence
-    # brightness varies from cell to cell with the drive current; without this the bank spends its
-    # patches on brightness levels instead of structure (measured on ELPV: benchmarks/README.md).
+    # Scale each image so its median intensity is mid-grey before the backbone, for images whose
+    # overall brightness varies from part to part (electroluminescence: with the drive current). On
+    # ELPV it lifted PatchCore alone on every line (benchmarks/README.md, "Brightness normalisation").
     normalise_brightness: bool = False
     # Reduce concatenated patch features to this many dims (adaptive average pooling); None keeps all.
     target_dim: int | None = Field(None, ge=1)

@@ -13,7 +13,8 @@ from torchvision.models import wide_resnet50_2
 from models.backbones import build_backbone
 from models.images import imagenet_normalize
 from models.patch_features import PatchFeatureExtractor
-from models.config import PatchCoreConfig
+from models.config import ElpvSource, LineConfig, PatchCoreConfig
+from tasks.patchcore import feature_key
 
 SIZE = 128
 CPU = torch.device("cpu")
@@ -161,4 +162,11 @@ def test_normalise_brightness_maps_a_dimmer_copy_to_the_same_features(extractor:
     median = bright.flatten().median()
     assert np.allclose(same[0], extractor.extract(bright * (0.5 / median))[0], atol=1e-4)
     # An all-black image stays black instead of dividing by zero.
-    assert np.isfinite(normalising.extract(torch.zeros(1, 3, SIZE, SIZE))).all()
+    black = torch.zeros(1, 3, SIZE, SIZE)
+    assert np.array_equal(normalising.extract(black), extractor.extract(black))
+
+
+def test_normalised_features_go_to_their_own_feature_store() -> None:
+    raw = LineConfig(name="cells", source=ElpvSource())
+    normalised = raw.model_copy(update={"patchcore": PatchCoreConfig(normalise_brightness=True)})
+    assert feature_key(raw) != feature_key(normalised)
