@@ -70,6 +70,19 @@ def test_ssim_is_one_for_equal_images_and_dssim_mse_grows_with_difference() -> N
         ssim_map(a, a[:, :, :16])
 
 
+def test_ssim_under_bfloat16_autocast_matches_float32() -> None:
+    # OE-SDN trains under bfloat16 autocast on CUDA; CPU autocast casts the same ops, so this runs anywhere.
+    # In bfloat16 the variance terms of a near-match lost the signal (pixel SSIM off by up to 0.49).
+    generator = torch.Generator().manual_seed(0)
+    a = 0.4 + 0.3 * torch.rand(4, 1, 64, 64, generator=generator)
+    b = (a + 0.02 * torch.randn(a.shape, generator=generator)).clamp(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, loss = ssim_map(a, b), dssim_mse(a, b)
+    assert mixed.dtype == torch.float32
+    assert torch.allclose(mixed, ssim_map(a, b), atol=1e-5)
+    assert loss.item() == pytest.approx(dssim_mse(a, b).item(), rel=1e-5)
+
+
 def test_rotated_batch_is_each_image_turned_by_its_drawn_quarter_turns() -> None:
     batch = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     rotated, turns = rotate_batch(batch, torch.Generator().manual_seed(2))
