@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -118,8 +117,8 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
     train, val = data[order[held_out:]], data[order[:held_out]]
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    # bfloat16 autocast needs no gradient scaler; CPU stays in float32, where it is faster.
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    # float32 on every device: on an H200 bfloat16 autocast trained these small networks no faster (elpv-mono,
+    # AE + OE-SDN 6.8-7.9 s vs 5.2-5.7 s) and no better (benchmarks/README.md, section CUDA).
     history: History = {}
     best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
     for epoch in tqdm(range(epochs), desc=f"train {label}", disable=None):
@@ -128,8 +127,7 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
         shuffled = train[torch.randperm(len(train), generator=generator)]
         for start in range(0, len(train), config.batch_size):
             batch = _augment(shuffled[start:start + config.batch_size], config, generator).to(device)
-            with autocast():
-                parts = batch_loss(batch, generator)
+            parts = batch_loss(batch, generator)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             optimizer.step()
@@ -140,7 +138,7 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
         if not len(val):
             logger.info("%s epoch %d: train %.4f", label, epoch + 1, history["train_loss"][-1])
             continue
-        val_parts = _evaluate(model, batch_loss, val, config.batch_size, device, config.seed, autocast)
+        val_parts = _evaluate(model, batch_loss, val, config.batch_size, device, config.seed)
         for name, value in val_parts.items():
             history.setdefault(f"val_{name}", []).append(value)
         logger.info("%s epoch %d: train %.4f, val %.4f", label, epoch + 1,
@@ -159,12 +157,12 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
 
 
 def _evaluate(model: nn.Module, batch_loss: BatchLoss, val: torch.Tensor, batch_size: int,
-              device: torch.device, seed: int, autocast: Callable) -> dict[str, float]:
+              device: torch.device, seed: int) -> dict[str, float]:
     """Mean loss parts on the held-out images, with the same rotations every epoch so epochs compare."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     sums: dict[str, float] = {}
-    with torch.no_grad(), autocast():
+    with torch.no_grad():
         for start in range(0, len(val), batch_size):
             batch = val[start:start + batch_size].to(device)
             for name, value in batch_loss(batch, generator).items():

@@ -41,8 +41,8 @@ def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ssim_map needs two (N, C, H, W) batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if min(a.shape[-2:]) <= WINDOW_SIZE // 2:
         raise ValueError(f"ssim_map needs images larger than {WINDOW_SIZE // 2} pixels, got {tuple(a.shape[-2:])}")
-    # Autocast (OE-SDN training on CUDA) would run the blur's convolutions in bfloat16 even on float32
-    # inputs: pixel SSIM then erred by up to 0.49, and the AE and OE-SDN trained on it scored below chance.
+    # Autocast would run the blur's convolutions in bfloat16 even on float32 inputs: pixel SSIM then erred
+    # by up to 0.49, and an AE and OE-SDN once trained under CUDA autocast scored below chance.
     with torch.autocast(a.device.type, enabled=False):
         a, b = a.float(), b.float()
         blurred = gaussian_blur(torch.cat([a, b, a * a, b * b, a * b], dim=1), WINDOW_SIGMA, WINDOW_SIZE // 2)

@@ -71,8 +71,8 @@ def test_ssim_is_one_for_equal_images_and_dssim_mse_grows_with_difference() -> N
 
 
 def test_ssim_under_bfloat16_autocast_matches_float32() -> None:
-    # OE-SDN trains under bfloat16 autocast on CUDA; CPU autocast casts the same ops, so this runs anywhere.
-    # In bfloat16 the variance terms of a near-match lost the signal (pixel SSIM off by up to 0.49).
+    # ssim_map promises float32 under any autocast (OE-SDN once trained under CUDA autocast and lost to it:
+    # the variance terms of a near-match cancel in bfloat16). CPU autocast casts the same ops, so this runs anywhere.
     generator = torch.Generator().manual_seed(0)
     a = 0.4 + 0.3 * torch.rand(4, 1, 64, 64, generator=generator)
     b = (a + 0.02 * torch.randn(a.shape, generator=generator)).clamp(0, 1)
