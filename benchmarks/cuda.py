@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.throughput import extract_all  # noqa: E402
 from models.config import ElpvSource, LineConfig  # noqa: E402
 from models.coreset import coreset_size, greedy_coreset, greedy_coreset_dask  # noqa: E402
 from models.metrics import image_auroc  # noqa: E402
@@ -59,10 +60,6 @@ def line_split(config: LineConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pixels(fit), pixels(test), np.array([r.label == "anomaly" for r in test], dtype=int)
 
 
-def extract(extractor: PatchFeatureExtractor, images: np.ndarray) -> np.ndarray:
-    return np.concatenate(list(extractor.extract_images(images, progress=False)))
-
-
 def timed(run):
     """run()'s result and its wall seconds, with the GPU's queued work finished inside the timing."""
     torch.cuda.synchronize()
@@ -74,7 +71,7 @@ def timed(run):
 
 def parity(config: LineConfig, images: np.ndarray) -> tuple[float, float, float]:
     """(lowest cosine of CPU vs CUDA patch features, largest |Δ| / largest |feature|, share of equal coreset picks)."""
-    on_cpu, on_cuda = (extract(PatchFeatureExtractor(config.patchcore, config.image_size, device), images)
+    on_cpu, on_cuda = (extract_all(PatchFeatureExtractor(config.patchcore, config.image_size, device), images)
                        for device in (CPU, CUDA))
     on_cpu, on_cuda = on_cpu.reshape(-1, on_cpu.shape[-1]), on_cuda.reshape(-1, on_cuda.shape[-1])
     cosine = (on_cpu * on_cuda).sum(1) / (np.linalg.norm(on_cpu, axis=1) * np.linalg.norm(on_cuda, axis=1) + 1e-12)
@@ -103,8 +100,8 @@ def main() -> None:
           f"feature, coreset picks equal {agree:.3f}")
 
     extractor = PatchFeatureExtractor(config.patchcore, config.image_size, CUDA)
-    extract(extractor, fit[:config.patchcore.batch_size])  # warm-up: cuDNN picks its kernels
-    (fit_features, test_features), extract_s = timed(lambda: (extract(extractor, fit), extract(extractor, test)))
+    extract_all(extractor, fit[:config.patchcore.batch_size])  # warm-up: cuDNN picks its kernels
+    (fit_features, test_features), extract_s = timed(lambda: (extract_all(extractor, fit), extract_all(extractor, test)))
     patches = fit_features.reshape(-1, extractor.dim)
     size = coreset_size(len(patches), config.patchcore.coreset_ratio)
     chunks = (max(1, len(patches) // 16), -1)
@@ -114,7 +111,7 @@ def main() -> None:
         patches, size, projection_dim=config.patchcore.projection_dim, device=CUDA))
     print(f"coreset {size} of {len(patches):,} patches: dask {dask_s:.1f} s radius {dask_coreset.radius:.4f}, "
           f"exact on GPU {exact_s:.1f} s radius {exact_coreset.radius:.4f}")
-    auroc, score_s = {}, 0.0
+    auroc = {}
     for name, coreset in (("dask", dask_coreset), ("exact", exact_coreset)):
         scorer = PatchCoreScorer(MemoryBank(patches[np.sort(coreset.indices)], config.patchcore, config.image_size),
                                  CUDA)
