@@ -1,7 +1,7 @@
 """Anomaly maps and image scores of OE-SDN and of its autoencoder baselines, as `Detections`.
 
 OE-SDN: |SDN(x) − AE(x)|. AE-L2: |x − AE(x)|. AE-SSIM: 1 − SSIM(x, AE(x)) per pixel. Each map is
-averaged over channels and Gaussian-smoothed; the image score is the map's maximum or its top-k mean.
+averaged over channels and Gaussian-smoothed; the image score is the map's maximum, its top-k mean or its mean (`image_score`).
 """
 
 from __future__ import annotations
@@ -39,15 +39,21 @@ def score_autoencoder(autoencoder: ConvAutoencoder, images: Sequence[np.ndarray]
     raise ValueError(f"residual must be 'l2' or 'ssim', got {residual!r}")
 
 
-def image_scores(maps: np.ndarray, top_k: int | None = None) -> np.ndarray:
-    """(N, H, W) anomaly maps → (N,) image scores: each map's maximum, or the mean of its `top_k` largest pixels."""
+def image_scores(maps: np.ndarray, rule: str = "max", top_fraction: float = 0.01) -> np.ndarray:
+    """(N, H, W) anomaly maps → (N,) image scores: each map's maximum, the mean of its largest
+    `top_fraction` of pixels ("top_k_mean"), or its mean."""
     flat = maps.reshape(len(maps), -1)
     if not len(flat):
         return np.empty(0, dtype=maps.dtype)
-    if top_k is None:
+    if rule == "max":
         return flat.max(axis=1)
-    if not 1 <= top_k <= flat.shape[1]:
-        raise ValueError(f"top_k must lie in 1..{flat.shape[1]} (pixels per map), got {top_k}")
+    if rule == "mean":
+        return flat.mean(axis=1)
+    if rule != "top_k_mean":
+        raise ValueError(f"image score rule must be 'max', 'top_k_mean' or 'mean', got {rule!r}")
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must lie in (0, 1], got {top_fraction}")
+    top_k = max(1, round(top_fraction * flat.shape[1]))
     return np.partition(flat, flat.shape[1] - top_k, axis=1)[:, -top_k:].mean(axis=1)
 
 
@@ -64,4 +70,4 @@ def _detect(residual: MapFunction, model: torch.nn.Module, images: Sequence[np.n
             maps.append(anomaly[:, 0].cpu().numpy())
     size = config.image_size
     all_maps = np.concatenate(maps) if maps else np.empty((0, size, size), dtype=np.float32)
-    return Detections(scores=image_scores(all_maps, config.score_top_k), maps=all_maps)
+    return Detections(scores=image_scores(all_maps, config.image_score, config.score_top_fraction), maps=all_maps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -99,29 +100,38 @@ def _as_batch(images: Sequence[np.ndarray], config: OeSdnConfig) -> torch.Tensor
     return images_to_tensor(images, config.image_size, config.channels)
 
 
+_FLIP_DIMS = {"hflip": 3, "vflip": 2}
+
+
 def _augment(batch: torch.Tensor, config: OeSdnConfig, generator: torch.Generator) -> torch.Tensor:
+    """Each image flipped by each of the line's augmentations with probability 1/2 (none by default)."""
+    if not config.augmentations:
+        return batch
     batch = batch.clone()
-    for enabled, dim in ((config.hflip, 3), (config.vflip, 2)):
-        if enabled:
-            flip = (torch.rand(len(batch), generator=generator) < 0.5).to(batch.device)
-            batch[flip] = batch[flip].flip(dim)
+    for name in config.augmentations:
+        flip = (torch.rand(len(batch), generator=generator) < 0.5).to(batch.device)
+        batch[flip] = batch[flip].flip(_FLIP_DIMS[name])
     return batch
 
 
 def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: OeSdnConfig,
          epochs: int, device: torch.device, label: str) -> History:
-    """Adam on `batch_loss` with early stopping on a held-out slice; leaves the best weights in `model`."""
+    """Adam on `batch_loss` until the held-out loss stops improving, `epochs` or `config.max_train_seconds`;
+    leaves the best epoch's weights in `model`."""
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(data), generator=generator)
     held_out = min(len(data) - 1, round(len(data) * config.val_fraction)) if config.val_fraction else 0
     train, val = data[order[held_out:]], data[order[:held_out]]
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    # float32 on every device: on an H200 bfloat16 autocast trained these small networks no faster (elpv-mono,
-    # AE + OE-SDN 6.8-7.9 s vs 5.2-5.7 s) and no better (benchmarks/README.md, section CUDA).
+    # float32 on every device: on an H200 bfloat16 autocast trained these small networks no faster and
+    # no better (benchmarks/README.md, section CUDA).
     history: History = {}
     best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
-    for epoch in tqdm(range(epochs), desc=f"train {label}", disable=None):
+    started = time.monotonic()
+    stop = f"epoch cap {epochs}"
+    progress = tqdm(range(epochs), desc=f"train {label}", disable=None, leave=False)
+    for epoch in progress:
         model.train()
         sums: dict[str, float] = {}
         shuffled = train[torch.randperm(len(train), generator=generator)]
@@ -135,23 +145,27 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
                 sums[name] = sums.get(name, 0.0) + value.item() * len(batch)
         for name, total in sums.items():
             history.setdefault(f"train_{name}", []).append(total / len(train))
-        if not len(val):
-            logger.info("%s epoch %d: train %.4f", label, epoch + 1, history["train_loss"][-1])
-            continue
-        val_parts = _evaluate(model, batch_loss, val, config.batch_size, device, config.seed)
-        for name, value in val_parts.items():
-            history.setdefault(f"val_{name}", []).append(value)
-        logger.info("%s epoch %d: train %.4f, val %.4f", label, epoch + 1,
-                    history["train_loss"][-1], val_parts["loss"])
-        if val_parts["loss"] < best_loss:
-            best_loss, best_state, stale = val_parts["loss"], copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= config.patience:
-                logger.info("%s: stopping early after epoch %d, best val %.4f", label, epoch + 1, best_loss)
-                break
+        shown = {"train": history["train_loss"][-1]}
+        if len(val):
+            for name, value in _evaluate(model, batch_loss, val, config.batch_size, device, config.seed).items():
+                history.setdefault(f"val_{name}", []).append(value)
+            shown["val"] = history["val_loss"][-1]
+            if shown["val"] < best_loss * (1 - config.min_improvement):
+                best_loss, best_state, stale = shown["val"], copy.deepcopy(model.state_dict()), 0
+            else:
+                stale += 1
+        progress.set_postfix({name: f"{value:.4f}" for name, value in shown.items()})
+        if stale >= config.patience:
+            stop = f"no improvement for {stale} epochs"
+            break
+        if time.monotonic() - started > config.max_train_seconds:
+            stop = f"time cap {config.max_train_seconds:.0f} s"
+            break
+    progress.close()
     if len(val):
         model.load_state_dict(best_state)
+    logger.info("%s: stopped after %d epochs (%s) in %.0f s; best val %.4g", label, len(history["train_loss"]),
+                stop, time.monotonic() - started, best_loss)
     model.eval()
     return history
 

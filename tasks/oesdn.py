@@ -29,7 +29,7 @@ def train_autoencoder_task(config: LineConfig, rows: list[ManifestRow]) -> Train
     """The AE on the line's good fit images."""
     with stopwatch() as elapsed:
         network, history = train_autoencoder([read_pixels(r.source) for r in rows], config.oesdn)
-    get_run_logger().info("autoencoder: %d epochs, last loss %.4f", len(history["train_loss"]), history["train_loss"][-1])
+    _log_training("autoencoder", history, elapsed[0])
     return TrainedNetwork(network, history, elapsed[0])
 
 
@@ -38,8 +38,14 @@ def train_sdn_task(config: LineConfig, rows: list[ManifestRow], autoencoder: Tra
     """The OE-SDN (KD on the AE's output + outlier exposure on rotated images) on the same images."""
     with stopwatch() as elapsed:
         network, history = train_sdn([read_pixels(r.source) for r in rows], autoencoder.network, config.oesdn)
-    get_run_logger().info("sdn: %d epochs, last loss %.4f", len(history["train_loss"]), history["train_loss"][-1])
+    _log_training("oe-sdn", history, elapsed[0])
     return TrainedNetwork(network, history, elapsed[0])
+
+
+def _log_training(label: str, history: dict[str, list[float]], seconds: float) -> None:
+    best_val = min(history["val_loss"]) if history.get("val_loss") else float("nan")
+    get_run_logger().info("%s: %d epochs in %.0f s, last train loss %.4g, best val loss %.4g", label,
+                          len(history["train_loss"]), seconds, history["train_loss"][-1], best_val)
 
 
 @task(name="score-oesdn", cache_policy=NO_CACHE)

@@ -19,7 +19,8 @@ from models.config import OeSdnConfig
 
 SIZE = 64
 CONFIG = OeSdnConfig(image_size=SIZE, channels=1, ae_base_width=8, ae_latent_dim=32, sdn_base_width=16,
-                     epochs=8, sdn_epochs=8, batch_size=8, learning_rate=2e-3, val_fraction=0.1, patience=8)
+                     epochs=8, sdn_epochs=8, batch_size=8, learning_rate=2e-3, val_fraction=0.1, patience=8,
+                     min_improvement=0.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -115,7 +116,8 @@ def test_maps_and_scores_come_at_the_input_resolution(trained: dict, cells: tupl
         assert detections.scores.shape == (len(others),)
         assert detections.maps.shape == (len(others), SIZE, SIZE)
         assert np.isfinite(detections.maps).all() and (detections.maps >= 0).all()
-        assert np.allclose(detections.scores, detections.maps.reshape(len(others), -1).max(axis=1))
+        top = np.sort(detections.maps.reshape(len(others), -1), axis=1)[:, -round(CONFIG.score_top_fraction * SIZE**2):]
+        assert np.allclose(detections.scores, top.mean(axis=1))
     with pytest.raises(ValueError, match="residual"):
         score_autoencoder(trained["ae"], others, CONFIG, "l1")  # type: ignore[arg-type]
 
@@ -133,12 +135,15 @@ def test_oesdn_map_is_larger_on_a_planted_crack_than_on_the_clean_cell(trained: 
             > 2 * clean_found.maps[:, blob[0], blob[1]].mean(axis=(1, 2))).all()
 
 
-def test_top_k_score_is_the_mean_of_the_k_largest_pixels() -> None:
+def test_image_score_rules() -> None:
     maps = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
-    assert np.allclose(image_scores(maps, 3), [14.0, 30.0])
+    assert np.allclose(image_scores(maps, "top_k_mean", 3 / 16), [14.0, 30.0])
     assert np.allclose(image_scores(maps), [15.0, 31.0])
-    with pytest.raises(ValueError, match="top_k"):
-        image_scores(maps, 17)
+    assert np.allclose(image_scores(maps, "mean"), [7.5, 23.5])
+    with pytest.raises(ValueError, match="top_fraction"):
+        image_scores(maps, "top_k_mean", 1.5)
+    with pytest.raises(ValueError, match="rule"):
+        image_scores(maps, "median")
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(trained: dict, tmp_path) -> None:
@@ -168,3 +173,45 @@ def test_bad_inputs_raise_clear_errors(cells: tuple) -> None:
         StyleDistillationNetwork(1, 8, image_size=68, depth=3)
     with pytest.raises(ValueError, match="oe_lambda"):
         train_sdn(train, ConvAutoencoder(1, 8, 16, SIZE), CONFIG, oe_lambda=1.5)
+
+
+def test_early_stopping_triggers_and_keeps_the_best_epoch(cells: tuple) -> None:
+    train, _ = cells
+    # A learning rate this high makes the held-out loss stop improving within a few epochs.
+    config = CONFIG.model_copy(update={"epochs": 40, "patience": 2, "min_improvement": 0.05, "learning_rate": 1e-2})
+    _, history = train_autoencoder(train, config, torch.device("cpu"))
+    losses = history["val_loss"]
+    assert len(losses) < 40
+    # The last epoch that beat the best so far by min_improvement, then `patience` epochs that did not.
+    best, last_improved = float("inf"), -1
+    for epoch, loss in enumerate(losses):
+        if loss < best * (1 - config.min_improvement):
+            best, last_improved = loss, epoch
+    assert len(losses) == last_improved + 1 + config.patience
+
+
+def test_the_wall_clock_cap_stops_training_after_one_epoch(cells: tuple) -> None:
+    train, _ = cells
+    config = CONFIG.model_copy(update={"epochs": 50, "max_train_seconds": 1e-3})
+    _, history = train_autoencoder(train, config, torch.device("cpu"))
+    assert len(history["train_loss"]) == 1
+
+
+def test_augmentations_that_compose_to_an_outlier_turn_are_rejected() -> None:
+    assert OeSdnConfig().augmentations == ()
+    assert OeSdnConfig(augmentations=("hflip",)).augmentations == ("hflip",)
+    with pytest.raises(ValueError, match="180°"):
+        OeSdnConfig(augmentations=("hflip", "vflip"))
+    # Without the 180° turn, both flips are allowed; without outlier exposure, any flips are.
+    assert OeSdnConfig(augmentations=("hflip", "vflip"), oe_quarter_turns=(1, 3)).oe_quarter_turns == (1, 3)
+    assert OeSdnConfig(augmentations=("hflip", "vflip"), oe_lambda=0.0).oe_lambda == 0.0
+    with pytest.raises(ValueError, match="augmentations"):
+        OeSdnConfig(augmentations=("rot90",))
+
+
+def test_configs_of_models_registered_before_augmentations_still_load() -> None:
+    # What a bundle's config.yaml said before augmentations and image_score existed.
+    old = OeSdnConfig.model_validate({"image_size": 64, "hflip": True, "vflip": True, "score_top_k": 41})
+    assert old.augmentations == () and old.image_score == "top_k_mean"
+    assert round(old.score_top_fraction * 64**2) == 41
+    assert OeSdnConfig.model_validate({"hflip": True, "vflip": True, "score_top_k": None}).image_score == "max"

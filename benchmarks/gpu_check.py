@@ -1,6 +1,6 @@
 """The GPU paths on one ELPV line: do they agree with the CPU, and how fast are they. Needs a CUDA device.
 
-    python benchmarks/cuda.py [--line elpv-mono] [--parity-images 16]
+    python benchmarks/gpu_check.py [--line elpv-mono] [--parity-images 16]
 
 The models of a rebuild, without Prefect, MLflow or the Zarr store, on the line's bundled config and
 the rebuild's split (train goods minus the held-out calibration goods fit the models; AUROC on the test
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--parity-images", type=int, default=16)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/cuda.py needs a CUDA device; torch sees none")
+        sys.exit("benchmarks/gpu_check.py needs a CUDA device; torch sees none")
     config = load_line(args.line)
     fit, test, labels = line_split(config)
     gpu = torch.cuda.get_device_name().replace(" ", "-")
