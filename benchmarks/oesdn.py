@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +92,14 @@ def run_case(protocol: Protocol, config: OeSdnConfig, split: str, device: torch.
     return metrics
 
 
+def _run_job(job: tuple[Protocol, OeSdnConfig, str, torch.device, int | None]) -> dict[str, float]:
+    protocol, config, split, device, threads = job
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    return run_case(protocol, config, split, device)
+
+
 def _masks_at(masks: np.ndarray, size: int) -> np.ndarray:
     if masks.shape[1:] == (size, size):
         return masks
@@ -112,7 +122,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", help="only these cases (digits 0-9, texture names)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an OeSdnConfig field (YAML value), e.g. --set sdn_depth=3")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (of each job)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cases and seeds trained side by side in this many processes (use --threads 1 with it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,16 +149,22 @@ def main() -> None:
     closing = (["auroc_ae", "auroc_sdn", "auroc_oesdn", "pixel_auroc_ae", "pixel_auroc_sdn", "pixel_auroc_oesdn",
                 "aupro_ae", "aupro_oesdn"] if args.protocol == "texture" else keys)
     device = pick_device()
+    configs = {seed: OeSdnConfig.model_validate(apply_settings({**base.model_dump(), "seed": seed}, args.set))
+               for seed in args.seeds}
+    logger.info("config: %s", configs[args.seeds[0]].model_dump(exclude={"seed"}))
+    jobs = [(case, configs[seed], args.split, device, args.threads) for seed in args.seeds for case in cases]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_run_job, jobs))
+    else:
+        results = [_run_job(job) for job in jobs]
     per_seed = []
-    for seed in args.seeds:
-        config = OeSdnConfig.model_validate(apply_settings({**base.model_dump(), "seed": seed}, args.set))
-        logger.info("seed %d, config: %s", seed, config.model_dump())
-        results = {}
-        for case in cases:
-            results[case.name] = run_case(case, config, args.split, device)
-            print(summary(f"{label} case={case.name} seed={seed} split={args.split}", results[case.name], keys), flush=True)
-        per_seed.append({key: float(np.mean([r[key] for r in results.values()])) for key in [*keys, "train_s"]})
-        per_seed[-1]["train_s"] = sum(r["train_s"] for r in results.values())
+    for index, seed in enumerate(args.seeds):
+        of_seed = dict(zip((case.name for case in cases), results[index * len(cases):(index + 1) * len(cases)]))
+        for name, metrics in of_seed.items():
+            print(summary(f"{label} case={name} seed={seed} split={args.split}", metrics, keys))
+        per_seed.append({key: float(np.mean([r[key] for r in of_seed.values()])) for key in keys})
+        per_seed[-1]["train_s"] = sum(r["train_s"] for r in of_seed.values())
         print(summary(f"{label} seed={seed} split={args.split} mean-over-cases", per_seed[-1], keys), flush=True)
     means = {key: float(np.mean([s[key] for s in per_seed])) for key in [*keys, "train_s"]}
     print(summary(label if args.split == "test" else f"{label} split=val", means, closing))

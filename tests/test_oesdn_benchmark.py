@@ -1,0 +1,83 @@
+"""The OE-SDN benchmark's data (digits, textures, painted defects) and its command line, on tiny settings."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.oesdn_protocols import DEFECT_KINDS, digits_protocols, paint_defect, texture_image, texture_protocol
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_digits_protocol_has_one_normal_class_and_disjoint_splits() -> None:
+    protocols = digits_protocols()
+    assert [p.name for p in protocols] == [f"digit-{d}" for d in range(10)]
+    three = protocols[3]
+    assert 90 <= len(three.train) <= 120 and all(image.shape == (8, 8) for image in three.train)
+    # 60/20/20 of the 1,797 digits: each class trains on its own share of the training split and is
+    # validated and tested on every image of the other two; about a tenth of those are its own class.
+    assert sum(len(p.train) for p in protocols) + len(three.val.images) + len(three.test.images) == 1797
+    assert {len(p.test.images) for p in protocols} == {360} and {len(p.val.images) for p in protocols} == {359}
+    assert 0.85 < three.test.labels.mean() < 0.95
+    assert all(0 < p.test.labels.sum() < len(p.test.labels) for p in protocols)
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+def test_a_painted_defect_changes_exactly_its_mask(kind: str) -> None:
+    rng = np.random.default_rng(5)
+    image = texture_image("brick")[:64, :64].copy()
+    donor = texture_image("gravel")
+    defective, mask = paint_defect(image, kind, rng, donor)
+    assert defective.dtype == np.uint8 and mask.dtype == bool and 20 <= mask.sum() <= 0.25 * mask.size
+    assert np.array_equal(defective[~mask], image[~mask])
+    # Inside the mask the defect stands apart from the texture it covers.
+    assert np.abs(defective[mask].astype(int) - image[mask].astype(int)).mean() > 30
+
+
+def test_texture_protocol_keeps_train_and_test_rows_apart() -> None:
+    protocol = texture_protocol("grass", train_crops=12, eval_crops=10)
+    assert len(protocol.train) == 12 and all(crop.shape == (64, 64) for crop in protocol.train)
+    assert protocol.test.labels.tolist() == [0, 1] * 5
+    assert [bool(mask.any()) for mask in protocol.test.masks] == [bool(label) for label in protocol.test.labels]
+    photo = texture_image("grass")
+    # Every training crop lies in the top 320 rows, every test crop in the bottom 96.
+    for crop in protocol.train[:3]:
+        assert _rows_of(crop, photo).start + 64 <= 320
+    good_test = protocol.test.images[0]
+    assert _rows_of(good_test, photo).start >= 416
+    with pytest.raises(ValueError, match="unknown texture"):
+        texture_image("marble")
+
+
+def _rows_of(crop: np.ndarray, photo: np.ndarray) -> range:
+    for top in range(photo.shape[0] - 63):
+        for left in range(photo.shape[1] - 63):
+            if photo[top, left] == crop[0, 0] and np.array_equal(photo[top:top + 64, left:left + 64], crop):
+                return range(top, top + 64)
+    raise AssertionError("crop not found in the photograph")
+
+
+def _run(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "benchmarks/oesdn.py", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_benchmark_runs_as_a_script_and_ends_with_its_summary_line() -> None:
+    assert "--protocol" in _run("--help")
+    out = _run("--protocol", "texture", "--cases", "brick", "--seeds", "0", "--threads", "1",
+               "--set", "epochs=1", "--set", "sdn_epochs=1", "--set", "ae_base_width=4", "--set", "sdn_base_width=8")
+    last = out.strip().splitlines()[-1]
+    fields = ("auroc_ae", "auroc_sdn", "auroc_oesdn", "pixel_auroc_ae", "pixel_auroc_sdn", "pixel_auroc_oesdn",
+              "aupro_ae", "aupro_oesdn")
+    assert re.fullmatch(r"oesdn protocol=texture " + " ".join(f"{f}=[01]\\.\\d{{4}}" for f in fields) + r" train_s=\d+", last)
+    assert "case=brick seed=0 split=test" in out
