@@ -6,6 +6,7 @@ Pure pydantic, so the algorithms in `models/` can take their settings without to
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -134,6 +135,14 @@ class OeSdnConfig(_Strict):
         else:
             values.update(image_score="top_k_mean", score_top_fraction=min(1.0, top_k / values.get("image_size", 64) ** 2))
         return values
+
+    @model_validator(mode="after")
+    def _smoothing_fits_the_map(self) -> OeSdnConfig:
+        # The map is blurred with reflect padding of ⌈3σ⌉ pixels, which must stay inside the map.
+        if math.ceil(3 * self.smoothing_sigma) >= self.image_size:
+            raise ValueError(f"smoothing_sigma {self.smoothing_sigma} is too wide for image_size {self.image_size}: "
+                             f"3σ must stay below the map's side")
+        return self
 
     @model_validator(mode="after")
     def _augmentations_keep_outliers_out(self) -> OeSdnConfig:

@@ -34,6 +34,7 @@ def test_config_round_trips_through_yaml(tmp_path):
     ("[unclosed", "not valid YAML"),
     ("- a list\n", "expected a mapping"),
     ("name: x\nsource: {kind: elpv}\noesdn: {augmentations: [hflip, vflip]}\n", "compose to a turn by 180°"),
+    ("name: x\nsource: {kind: elpv}\noesdn: {image_size: 16, smoothing_sigma: 6}\n", "too wide for image_size 16"),
 ])
 def test_invalid_config_files_name_the_file_and_the_problem(tmp_path, text, message):
     path = tmp_path / "line.yaml"
