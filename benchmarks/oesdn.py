@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,7 +37,7 @@ from benchmarks.overrides import apply_settings  # noqa: E402
 from models.config import ElpvSource, OeSdnConfig  # noqa: E402
 from models.detection import Detections  # noqa: E402
 from models.images import pick_device  # noqa: E402
-from models.metrics import aupro, pixel_auroc  # noqa: E402
+from models.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from models.oesdn_scoring import score_autoencoder, score_oesdn  # noqa: E402
 from models.oesdn_training import train_autoencoder, train_sdn  # noqa: E402
 from storage.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
@@ -83,10 +82,10 @@ def run_case(protocol: Protocol, config: OeSdnConfig, split: str, device: torch.
         "oesdn": score_oesdn(autoencoder, oesdn, data.images, config),
     }
     metrics = {"train_s": train_s}
+    masks = None if data.masks is None else _masks_at(data.masks, config.image_size)
     for name, detections in found.items():
-        metrics[f"auroc_{name}"] = float(roc_auc_score(data.labels, detections.scores))
-        if data.masks is not None:
-            masks = _masks_at(data.masks, config.image_size)
+        metrics[f"auroc_{name}"] = image_auroc(detections.scores, data.labels)
+        if masks is not None:
             metrics[f"pixel_auroc_{name}"] = pixel_auroc(detections.maps, masks)
             metrics[f"aupro_{name}"] = aupro(detections.maps, masks)
     return metrics
