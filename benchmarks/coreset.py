@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.coreset import coreset_size, coverage_radius, greedy_coreset, greedy_coreset_dask  # noqa: E402
-from storage.dask_cluster import dask_client  # noqa: E402
-from storage.feature_store import FeatureStore  # noqa: E402
+from patchline.models.patchcore.coreset import coreset_size, coverage_radius, greedy_coreset, greedy_coreset_dask  # noqa: E402
+from patchline.storage.dask_cluster import dask_client  # noqa: E402
+from patchline.storage.feature_store import FeatureStore  # noqa: E402
 
 ELPV_PATCHES = 1024
 
@@ -59,9 +59,9 @@ def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 def elpv_features(n: int) -> np.ndarray:
     """(n, 152) real patch features of the first ceil(n / 1024) elpv train normals."""
-    from models.patch_features import PatchFeatureExtractor
-    from storage.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows
-    from models.config import ElpvSource, PatchCoreConfig
+    from patchline.models.patchcore.patch_features import PatchFeatureExtractor
+    from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows
+    from patchline.models.config import ElpvSource, PatchCoreConfig
 
     images, _, _ = elpv_arrays()
     train = [int(row.source.removeprefix(SOURCE_PREFIX)) for row in elpv_rows(ElpvSource()) if row.split == "train"]

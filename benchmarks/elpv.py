@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.overrides import apply_settings  # noqa: E402
-from models.config import LineConfig  # noqa: E402
-from storage.line_config import load_line  # noqa: E402
+from patchline.models.config import LineConfig  # noqa: E402
+from patchline.storage.line_config import load_line  # noqa: E402
 
 log = logging.getLogger("benchmarks.elpv")
 REPORTED = ("patchcore", "oesdn", "ae", "fused")
@@ -63,10 +63,10 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="patchline-elpv-benchmark-"))
     os.environ["PATCHLINE_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from storage.paths import configure_environment
+    from patchline.storage.paths import configure_environment
     configure_environment()
     # Prefect and the flow are imported only now, so they pick up the temporary home.
-    from flows.rebuild import rebuild_product_line
+    from patchline.flows.rebuild import rebuild_product_line
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     log.info("line %s, overrides %s, PATCHLINE_HOME %s", config.name, args.set or "none", home)

@@ -32,14 +32,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from storage.line_config import load_line  # noqa: E402
+from patchline.storage.line_config import load_line  # noqa: E402
 
 HALVINGS = 20
 
 
 def _auroc_table(fused: dict[float, dict[str, np.ndarray]], test_labels: np.ndarray, cell_types: np.ndarray,
                  ambiguous_levels: np.ndarray) -> None:
-    from models.metrics import image_auroc
+    from patchline.models.scoring.metrics import image_auroc
 
     for weight, scores in fused.items():
         test, goods = scores["test"], scores["calibration"]
@@ -56,7 +56,7 @@ def _auroc_table(fused: dict[float, dict[str, np.ndarray]], test_labels: np.ndar
 
 def _cross_validated(fused: dict[float, np.ndarray], labels: np.ndarray) -> tuple[list[float], list[float]]:
     """(AUROC on the other half, weight picked) for each half of HALVINGS stratified random halvings."""
-    from models.metrics import image_auroc
+    from patchline.models.scoring.metrics import image_auroc
 
     rng = np.random.default_rng(0)
     estimates, picks = [], []
@@ -89,16 +89,16 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="patchline-fusion-benchmark-"))
     os.environ["PATCHLINE_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from storage.paths import configure_environment
+    from patchline.storage.paths import configure_environment
     configure_environment()
     # Prefect is imported only now, so it picks up the temporary home.
     from prefect import flow
 
-    from models.metrics import fit_fusion_normalisers, fuse_scores, image_auroc
-    from storage.elpv import SOURCE_PREFIX, elpv_arrays
-    from tasks.darkness import score_darkness_task
-    from tasks.ingest import ingest_line
-    from tasks.patchcore import build_memory_bank_task, extract_features_task, score_patchcore_task, select_coreset_task
+    from patchline.models.scoring.metrics import fit_fusion_normalisers, fuse_scores, image_auroc
+    from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays
+    from patchline.tasks.darkness import score_darkness_task
+    from patchline.tasks.ingest import ingest_line
+    from patchline.tasks.patchcore import build_memory_bank_task, extract_features_task, score_patchcore_task, select_coreset_task
 
     @flow(name="fusion-weight-study")
     def study() -> dict[str, dict[str, np.ndarray]]:
@@ -109,7 +109,7 @@ def main() -> None:
         bank = build_memory_bank_task(config, stored, data.fit, select_coreset_task(config, stored, data.fit))
         groups = {"calibration": data.calibration, "test": test, "ambiguous": ambiguous}
         scores = {name: {"patchcore": score_patchcore_task(stored, bank, rows).scores,
-                         "darkness": score_darkness_task(config, rows)["darkness"].scores}
+                         "darkness": score_darkness_task(config, rows).scores}
                   for name, rows in groups.items()}
         _, levels, types = elpv_arrays()
         position = {name: np.array([int(r.source[len(SOURCE_PREFIX):]) for r in rows]) for name, rows in groups.items()}

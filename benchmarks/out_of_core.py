@@ -38,10 +38,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.rss import PeakRss  # noqa: E402
-from models.config import PatchCoreConfig  # noqa: E402
-from models.coreset import coreset_size, coverage_radius_dask, greedy_coreset_dask  # noqa: E402
-from storage.dask_cluster import dask_client, machine_cores  # noqa: E402
-from storage.feature_store import FeatureStore  # noqa: E402
+from patchline.models.config import PatchCoreConfig  # noqa: E402
+from patchline.models.patchcore.coreset import coreset_size, coverage_radius_dask, greedy_coreset_dask  # noqa: E402
+from patchline.storage.dask_cluster import dask_client, machine_cores  # noqa: E402
+from patchline.storage.feature_store import FeatureStore  # noqa: E402
 
 log = logging.getLogger("benchmarks.out_of_core")
 

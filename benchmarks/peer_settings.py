@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from storage.paths import configure_environment  # noqa: E402
+from patchline.storage.paths import configure_environment  # noqa: E402
 
 # Before Prefect is imported (by tasks.patchcore): telemetry off, Prefect's home in the data dir.
 configure_environment()
@@ -42,17 +42,15 @@ configure_environment()
 from prefect.logging import disable_run_logger  # noqa: E402
 
 from benchmarks.rss import PeakRss  # noqa: E402
-from models.coreset import greedy_coreset  # noqa: E402
-from models.line_detector import LineDetector  # noqa: E402
-from models.metrics import image_auroc  # noqa: E402
-from models.patch_features import PatchFeatureExtractor  # noqa: E402
-from models.patchcore import PatchCoreScorer  # noqa: E402
-from storage.ingest import build_manifest  # noqa: E402
-from models.config import LineConfig  # noqa: E402
-from storage.line_config import load_line
-from storage.manifest import ManifestRow  # noqa: E402
-from storage.pixels import read_pixels  # noqa: E402
-from tasks.patchcore import (SelectedCoreset, StoredFeatures, build_memory_bank_task,  # noqa: E402
+from patchline.models.patchcore.coreset import greedy_coreset  # noqa: E402
+from patchline.models.scoring.metrics import image_auroc  # noqa: E402
+from patchline.models.patchcore.detector import PatchCoreDetector  # noqa: E402
+from patchline.storage.ingest import build_manifest  # noqa: E402
+from patchline.models.config import LineConfig  # noqa: E402
+from patchline.storage.line_config import load_line
+from patchline.storage.manifest import ManifestRow  # noqa: E402
+from patchline.storage.pixels import read_pixels  # noqa: E402
+from patchline.tasks.patchcore import (SelectedCoreset, StoredFeatures, build_memory_bank_task,  # noqa: E402
                              extract_features_task, select_coreset_task)
 
 log = logging.getLogger("peer_settings")
@@ -135,13 +133,12 @@ def main() -> None:
             log.info("coreset of %d rows in %.1f s (%.1f CPU s, Dask workers included)", len(selected.coreset.indices),
                      selected.seconds, tree_cpu_s() - cpu_started - extract_cpu_s)
             bank = build_memory_bank_task.fn(config, stored, train, selected)
-            scorer = PatchCoreScorer(bank, device=torch.device("cpu"))
+            detector = PatchCoreDetector(bank, device=torch.device("cpu"))
+            detector.scorer  # the bank on the device, as a fitted model holds it
             fit_s, fit_cpu_s = time.perf_counter() - started, tree_cpu_s() - cpu_started
 
             started, cpu_started = time.perf_counter(), tree_cpu_s()
-            extractor = PatchFeatureExtractor(config.patchcore, config.image_size, device=torch.device("cpu"))
-            detector = LineDetector(config, extractor, scorer, autoencoder=None, sdn=None)
-            detections = detector.score([read_pixels(row.source) for row in test])["patchcore"]
+            detections = detector.score([read_pixels(row.source) for row in test])
             predict_s, predict_cpu_s = time.perf_counter() - started, tree_cpu_s() - cpu_started
         # The cores are shared with other jobs: CPU seconds depend on them far less than wall seconds do.
         log.info("fit %.1f s (%.1f CPU s), predict %.1f s (%.1f CPU s), peak RSS %.0f MB; load average %s",

@@ -6,9 +6,9 @@ from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
-from flows.rebuild import rebuild_product_line
-from flows.score import score_images
-from storage.line_config import bundled_line_files, load_line
+from patchline.flows.rebuild import rebuild_product_line
+from patchline.flows.score import score_images
+from patchline.storage.line_config import bundled_line_files, load_line
 
 SCORE_DEPLOYMENT = "score-images"
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from storage.paths import patchline_home
-from storage.tracking import artifact_root, tracking_uri
+from patchline.storage.paths import patchline_home
+from patchline.storage.tracking import artifact_root, tracking_uri
 
 logger = logging.getLogger(__name__)
 

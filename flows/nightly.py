@@ -5,23 +5,23 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
 
-from flows.rebuild import rebuild_product_line
-from storage.line_config import LineConfigError, bundled_line_files, load_line
+from patchline.flows.rebuild import rebuild_product_line
+from patchline.tasks.lines import configured_lines, load_line_task
 
 
 @flow(name="nightly")
 def nightly(lines: list[str] | None = None) -> State:
     """Rebuild each line in turn; one line's failure does not stop the others, and the final state names it."""
     log = get_run_logger()
-    names = lines or list(bundled_line_files())
+    names = lines or configured_lines()
     results, failed = {}, {}
     for name in names:
-        try:
-            config = load_line(name)
-        except LineConfigError as error:
-            failed[name] = str(error)
-            log.error("line %s: %s", name, error)
+        loaded = load_line_task(name, return_state=True)
+        if not loaded.is_completed():
+            failed[name] = loaded.message or loaded.type.value
+            log.error("line %s: %s", name, failed[name])
             continue
+        config = loaded.result()
         state = rebuild_product_line(config, return_state=True)
         if state.is_completed():
             results[config.name] = state.result()

@@ -11,10 +11,13 @@ fused map it shifts a whole image up or down and leaves the localisation to the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import torch
 
-from models.detection import Detections
+from patchline.models.config import LineConfig
+from patchline.models.scoring.detection import Detections
 
 
 def score_darkness(images: Sequence[np.ndarray], map_size: int) -> Detections:
@@ -32,3 +35,20 @@ def score_darkness(images: Sequence[np.ndarray], map_size: int) -> Detections:
         scores[index] = 1.0 - array.mean(dtype=np.float64) / 255.0
     maps = np.broadcast_to(scores[:, None, None], (len(images), map_size, map_size)).copy()
     return Detections(scores, maps)
+
+
+class DarknessDetector:
+    """Mean darkness as a line detector: nothing to fit, nothing to save."""
+
+    def __init__(self, map_size: int) -> None:
+        self.map_size = map_size
+
+    def score(self, images: Sequence[np.ndarray], progress: bool = False) -> Detections:
+        return score_darkness(images, self.map_size)
+
+    def save(self, folder: Path) -> None:
+        pass
+
+    @classmethod
+    def load(cls, folder: Path, config: LineConfig, device: torch.device | None = None) -> DarknessDetector:
+        return cls(config.image_size)

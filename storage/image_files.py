@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -25,17 +27,28 @@ def decode_image(path: Path) -> np.ndarray:
         raise BadImageError(path, "file not found")
     if path.stat().st_size == 0:
         raise BadImageError(path, "empty file (0 bytes)")
+    return _decode(path, path)
+
+
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """Decode an encoded image (the bytes of a PNG, JPEG, … file) as `decode_image` does; `name` is for errors."""
+    if not data:
+        raise BadImageError(name, "empty image (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(file: Path | BinaryIO, name: Path | str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             # load() forces a full decode: Image.open alone reads only the header and misses truncation.
             image.load()
             pixels = _to_uint8(image)
     except UnidentifiedImageError:
-        raise BadImageError(path, "not an image (unrecognised format)") from None
+        raise BadImageError(name, "not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise BadImageError(path, f"truncated or corrupt image ({error})") from None
+        raise BadImageError(name, f"truncated or corrupt image ({error})") from None
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
-        raise BadImageError(path, f"image has no pixels (size {pixels.shape[1]}x{pixels.shape[0]})")
+        raise BadImageError(name, f"image has no pixels (size {pixels.shape[1]}x{pixels.shape[0]})")
     return pixels
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from storage.elpv import elpv_rows
-from models.config import ElpvSource, LineConfig
-from storage.manifest import Manifest
-from storage.mvtec import scan_mvtec
+from patchline.models.config import LineConfig
+from patchline.storage.manifest import Manifest
+from patchline.storage.sources import READERS
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +17,7 @@ class IngestError(ValueError):
 
 def build_manifest(config: LineConfig) -> Manifest:
     """Discover, decode and validate every image of the line, and split it into train and test."""
-    if isinstance(config.source, ElpvSource):
-        return Manifest(config.name, elpv_rows(config.source))
-    scan = scan_mvtec(config.source.root)
+    scan = READERS[config.source.kind](config.source)
     if scan.problems and config.on_bad_input == "fail":
         listed = "\n".join(f"  {item.path}: {item.reason}" for item in scan.problems)
         raise IngestError(f"line {config.name}: {len(scan.problems)} bad input file(s); fix them or set "

@@ -1,18 +1,21 @@
-"""Product-line configs as YAML files under version control, read into `models.config.LineConfig`.
+"""Product-line configs as YAML files under version control, read into `patchline.models.config.LineConfig`.
 
 Flows take a `LineConfig` as their parameter so the Prefect UI shows it and MLflow logs it.
 """
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
+
 import yaml
 from pydantic import ValidationError
 
-from models.config import LineConfig
+from patchline.models.config import LineConfig
 
-# Bundled line configs live beside the deployments that schedule them.
-LINES_DIR = Path(__file__).resolve().parent.parent / "deployments" / "lines"
+# Bundled line configs live beside the deployments that schedule them, as package data (read as files,
+# not imported, so storage does not depend on the deployments layer).
+LINES_PACKAGE = "patchline.deployments"
 
 
 class LineConfigError(ValueError):
@@ -21,7 +24,8 @@ class LineConfigError(ValueError):
 
 def bundled_line_files() -> dict[str, Path]:
     """Configured line name → its YAML file, for the lines kept in the repo."""
-    return {path.stem: path for path in sorted(LINES_DIR.glob("*.yaml"))}
+    lines = Path(str(files(LINES_PACKAGE).joinpath("lines")))
+    return {path.stem: path for path in sorted(lines.glob("*.yaml"))}
 
 
 def load_line(name_or_path: str | Path) -> LineConfig:

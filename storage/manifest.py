@@ -43,6 +43,14 @@ class SkippedFile:
 
 
 @dataclass
+class SourceScan:
+    """What a source reader found: the usable rows and every file it could not use, with why."""
+
+    rows: list[ManifestRow]
+    problems: list[SkippedFile]
+
+
+@dataclass
 class Manifest:
     line: str
     rows: list[ManifestRow]

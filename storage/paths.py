@@ -1,11 +1,13 @@
-"""Where patchline keeps its state: one data directory, `PATCHLINE_HOME` (default `.patchline/`)."""
+"""Where patchline keeps its state: one data directory, `PATCHLINE_HOME`.
+
+The default is `.patchline/` in the current working directory (as MLflow's `./mlruns`), so a checkout
+and an installed wheel behave alike and nothing is written next to the installed code.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Telemetry would try the network, which these machines do not have; each also logs errors when it fails.
 _OFFLINE_ENV = {
@@ -17,7 +19,7 @@ _OFFLINE_ENV = {
 
 def patchline_home() -> Path:
     """The data directory holding Prefect's home, the MLflow store and the feature stores."""
-    home = Path(os.environ.get("PATCHLINE_HOME", REPO_ROOT / ".patchline")).expanduser().resolve()
+    home = Path(os.environ.get("PATCHLINE_HOME", ".patchline")).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     return home
 

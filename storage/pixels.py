@@ -6,15 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.elpv import SOURCE_PREFIX, elpv_arrays
-from storage.image_files import decode_image, decode_mask
-from storage.manifest import ManifestRow
+from patchline.storage.image_files import decode_image, decode_mask
+from patchline.storage.manifest import ManifestRow
+from patchline.storage.sources import PIXEL_READERS
 
 
 def read_pixels(source: str) -> np.ndarray:
-    """uint8 (H, W, C) pixels of a manifest source: a file path or "elpv:<index>"."""
-    if source.startswith(SOURCE_PREFIX):
-        return elpv_arrays()[0][int(source.removeprefix(SOURCE_PREFIX))][:, :, None]
+    """uint8 (H, W, C) pixels of a manifest source: an image file's path or "<scheme>:<reference>"."""
+    scheme, separator, _ = source.partition(":")
+    if separator and scheme in PIXEL_READERS:
+        return PIXEL_READERS[scheme](source)
     return decode_image(Path(source))
 
 

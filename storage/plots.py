@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from models.metrics import LABELS, image_auroc, pr_curve_points, roc_curve_points
+from patchline.models.scoring.metrics import LABELS, image_auroc, pr_curve_points, roc_curve_points
 
 _LABEL_COLOURS = {"good": "tab:green", "anomaly": "tab:red", "ambiguous": "tab:orange"}
 GALLERY_GROUPS = ("worst_misses", "worst_false_alarms", "typical_hits")

@@ -2,6 +2,6 @@
 
 import mlflow
 
-from storage.pyfunc_model import PatchlineModel
+from patchline.storage.pyfunc_model import PatchlineModel
 
 mlflow.models.set_model(PatchlineModel())

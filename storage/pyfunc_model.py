@@ -1,7 +1,19 @@
-"""The MLflow pyfunc that a registered patchline model version is: images in, scores and maps out."""
+"""The MLflow pyfunc that a registered patchline model version is: images in, scores and maps out.
+
+The model carries its code (`code_paths`: the `patchline` package as it was when the model was built)
+and pins the third-party packages that scoring imports, so `mlflow models serve` can build its
+environment from public packages and scores with the code that fitted the model.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import importlib.util
+import shutil
+import tempfile
+import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -9,29 +21,38 @@ import numpy as np
 from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
 
-from storage.pixels import read_pixels
+from patchline.storage.image_files import decode_image_bytes
+from patchline.storage.pixels import read_pixels
 
 BUNDLE_ARTIFACT = "bundle"
-# Exact pins keep MLflow from inferring requirements (slow, and it reaches for the network).
-PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "numpy", "safetensors", "pydantic", "pyyaml",
-                    "pillow", "scipy", "efficientnet-lite-pytorch", "mlflow==3.17.2", "patchline"]
+# Distributions that scoring imports, pinned to the versions installed here: exact pins also keep MLflow
+# from inferring requirements (slow, and it reaches for the network).
+SCORING_DISTRIBUTIONS = ["torch", "torchvision", "numpy", "safetensors", "pydantic", "pyyaml", "pillow", "scipy",
+                         "scikit-learn", "tqdm", "efficientnet-lite-pytorch", "mlflow"]
 ENTRY_POINT = Path(__file__).with_name("pyfunc_entry.py")
+# The folders that make up the `patchline` package (one folder each in a checkout, ARCHITECTURE.md).
+_PACKAGE_PARTS = ["models", "storage", "tasks", "flows", "deployments"]
 
 
 class PatchlineModel(PythonModel):
-    """Scores a batch of images: a uint8 array (N, H, W[, C]), a list of uint8 images or of image file paths.
+    """Scores a batch of images; returns a dict of arrays: `score` and `decision` of the line's deciding
+    detector, `threshold`, `anomaly_map` (N, S, S), and `score_<detector>` for every detector of the line.
 
-    Returns a dict of arrays: `score` and `decision` of the line's deciding detector, `threshold`,
-    `anomaly_map` (N, S, S), and `score_<detector>` for every detector of the line.
+    Inputs (in process, or as the JSON body MLflow's `/invocations` parses):
+    - pixels: a uint8 array (N, H, W) / (N, H, W, C), or a list of uint8 images; integer arrays with
+      values in 0..255 (what a JSON list of pixel rows becomes) are taken as uint8;
+    - encoded image files: `{"image": [<bytes or base64 text of a PNG/JPEG/… file>, …]}` (a dict or a
+      DataFrame column);
+    - image files on the scoring machine: `{"path": [...]}`, or a list of paths.
     """
 
     def load_context(self, context) -> None:
-        from storage.model_bundle import load_bundle
+        from patchline.storage.model_bundle import load_bundle
 
         self.detector = load_bundle(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
     def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
-        images = _as_images(model_input)
+        images = as_images(model_input)
         detections = self.detector.score(images)
         chosen, decisions, threshold = self.detector.decide(detections)
         output = {"score": chosen.scores, "decision": decisions,
@@ -40,20 +61,78 @@ class PatchlineModel(PythonModel):
         return output
 
 
-def _as_images(model_input) -> list[np.ndarray]:
-    if isinstance(model_input, np.ndarray) and model_input.dtype == np.uint8 and model_input.ndim in (3, 4):
-        return list(model_input)
-    if hasattr(model_input, "columns") and "path" in model_input.columns:  # a pandas DataFrame of paths
-        model_input = list(model_input["path"])
+def as_images(model_input) -> list[np.ndarray]:
+    """Every accepted model input (see `PatchlineModel`) → a list of uint8 images."""
+    if hasattr(model_input, "columns"):  # a pandas DataFrame
+        model_input = {column: list(model_input[column]) for column in model_input.columns}
+    if isinstance(model_input, dict):
+        if "image" in model_input:
+            return [_decoded(item, index) for index, item in enumerate(_items(model_input["image"]))]
+        if "path" in model_input:
+            return [read_pixels(str(path)) for path in _items(model_input["path"])]
+        raise ValueError(f"model input as a mapping needs an 'image' or a 'path' entry, got {sorted(model_input)}")
+    if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "USO":
+        model_input = list(model_input)
+    if isinstance(model_input, np.ndarray):
+        if model_input.ndim not in (3, 4):
+            raise ValueError(f"a pixel array must be (N, H, W) or (N, H, W, C), got shape {model_input.shape}")
+        return list(_uint8(model_input, "the input"))
     if isinstance(model_input, (list, tuple)) and all(isinstance(p, (str, Path)) for p in model_input):
         return [read_pixels(str(p)) for p in model_input]
-    if isinstance(model_input, (list, tuple)) and all(isinstance(a, np.ndarray) and a.dtype == np.uint8 for a in model_input):
-        return list(model_input)
-    raise ValueError("model input must be a uint8 array (N, H, W) / (N, H, W, C), a list of uint8 images or image paths, "
-                     f"or a DataFrame with a 'path' column; got {type(model_input).__name__}")
+    if isinstance(model_input, (list, tuple)):
+        return [_uint8(np.asarray(image), f"image {index}") for index, image in enumerate(model_input)]
+    raise ValueError("model input must be pixels (a uint8 array or a list of images), {'image': [encoded files]} "
+                     f"or {{'path': [image paths]}}; got {type(model_input).__name__}")
+
+
+def _items(values) -> list:
+    return list(values) if isinstance(values, (list, tuple, np.ndarray)) else [values]
+
+
+def _uint8(pixels: np.ndarray, what: str) -> np.ndarray:
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype.kind not in "iu":
+        raise ValueError(f"{what}: pixels must be integers in 0..255 (uint8), got {pixels.dtype}")
+    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
+        raise ValueError(f"{what}: pixel values must lie in 0..255, got {pixels.min()}..{pixels.max()}")
+    return pixels.astype(np.uint8)
+
+
+def _decoded(item, index: int) -> np.ndarray:
+    name = f"image {index}"
+    if isinstance(item, str):
+        try:
+            item = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{name}: not base64 text of an image file") from None
+    if not isinstance(item, (bytes, bytearray)):
+        raise ValueError(f"{name}: expected the bytes (or base64 text) of an image file, got {type(item).__name__}")
+    return decode_image_bytes(bytes(item), name)
+
+
+def scoring_requirements() -> list[str]:
+    return [f"{name}=={version(name)}" for name in SCORING_DISTRIBUTIONS]
+
+
+def _package_copy(folder: Path) -> Path:
+    """The `patchline` package as one folder tree under `folder`, whether installed or a checkout."""
+    target = folder / "patchline"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(importlib.util.find_spec("patchline").origin).parent, target, ignore=ignore)
+    for part in _PACKAGE_PARTS:
+        source = importlib.util.find_spec(f"patchline.{part}").submodule_search_locations[0]
+        shutil.copytree(source, target / part, ignore=ignore, dirs_exist_ok=True)
+    return target
 
 
 def log_line_model(bundle: Path) -> ModelInfo:
     """Log the bundle as this run's pyfunc model `model` (from code: no pickled Python objects)."""
-    return mlflow.pyfunc.log_model(name="model", python_model=str(ENTRY_POINT),
-                                   artifacts={BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=PIP_REQUIREMENTS)
+    with tempfile.TemporaryDirectory(prefix="patchline-code-") as scratch, warnings.catch_warnings():
+        # Type hints on `predict` would make MLflow validate (and convert) inputs against them, while
+        # `as_images` takes several input shapes; MLflow warns about their absence on every log.
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method", category=UserWarning)
+        return mlflow.pyfunc.log_model(name="model", python_model=str(ENTRY_POINT),
+                                       artifacts={BUNDLE_ARTIFACT: str(bundle)},
+                                       code_paths=[str(_package_copy(Path(scratch)))],
+                                       pip_requirements=scoring_requirements())

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from models.config import PromotionConfig
+from patchline.models.config import PromotionConfig
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

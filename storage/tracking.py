@@ -8,8 +8,8 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from models.config import LineConfig
-from storage.paths import patchline_home
+from patchline.models.config import LineConfig
+from patchline.storage.paths import patchline_home
 
 
 def tracking_uri() -> str:

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models.detection import Detections
-from models.line_detector import FUSED, Calibration, fit_calibration, fuse
-from models.metrics import best_detector, evaluate_detector
-from models.config import LineConfig
-from storage.manifest import ManifestRow
-from storage.pixels import read_mask, read_pixels
-from storage.plots import plot_heatmap_gallery, plot_pr_curves, plot_roc_curves, plot_score_histograms
+from patchline.models.scoring.detection import Detections
+from patchline.models.scoring.calibration import FUSED, Calibration, fit_calibration, fuse
+from patchline.models.scoring.metrics import best_detector, evaluate_detector
+from patchline.models.config import LineConfig
+from patchline.storage.manifest import ManifestRow
+from patchline.storage.pixels import read_mask, read_pixels
+from patchline.storage.plots import plot_heatmap_gallery, plot_pr_curves, plot_roc_curves, plot_score_histograms
 
 
 @dataclass(frozen=True)

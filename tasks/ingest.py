@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from storage.ingest import build_manifest
-from models.config import LineConfig
-from storage.manifest import Manifest, ManifestRow, hold_out_calibration
+from patchline.storage.ingest import build_manifest
+from patchline.models.config import LineConfig
+from patchline.storage.manifest import Manifest, ManifestRow, hold_out_calibration
 
 
 @dataclass(frozen=True)

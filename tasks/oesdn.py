@@ -8,13 +8,14 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from torch import nn
 
-from models.detection import Detections
-from models.line_detector import reconstruction_detections
-from models.oesdn_training import train_autoencoder, train_sdn
-from models.config import LineConfig
-from storage.manifest import ManifestRow
-from storage.pixels import read_pixels
-from tasks.timing import stopwatch
+from patchline.models.config import LineConfig
+from patchline.models.detectors import Detector
+from patchline.models.oesdn.detector import AutoencoderDetector, OeSdnDetector
+from patchline.models.oesdn.training import train_autoencoder, train_sdn
+from patchline.models.scoring.detection import Detections
+from patchline.storage.manifest import ManifestRow
+from patchline.storage.pixels import read_pixels
+from patchline.tasks.timing import stopwatch
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,17 @@ def _log_training(label: str, history: dict[str, list[float]], seconds: float) -
 @task(name="score-oesdn", cache_policy=NO_CACHE)
 def score_reconstruction_task(config: LineConfig, autoencoder: TrainedNetwork, sdn: TrainedNetwork | None,
                               rows: list[ManifestRow]) -> dict[str, Detections]:
-    """OE-SDN and AE-baseline detections of `rows`."""
-    return reconstruction_detections(config, autoencoder.network, sdn.network if sdn else None,
-                                     [read_pixels(r.source) for r in rows])
+    """OE-SDN and AE-baseline detections of `rows`, of the ones the line enables."""
+    images = [read_pixels(r.source) for r in rows]
+    return {name: detector.score(images) for name, detector in reconstruction_detectors(config, autoencoder, sdn).items()}
+
+
+def reconstruction_detectors(config: LineConfig, autoencoder: TrainedNetwork,
+                             sdn: TrainedNetwork | None) -> dict[str, Detector]:
+    """The enabled ones of OE-SDN and the AE baseline, from the trained networks."""
+    detectors: dict[str, Detector] = {}
+    if "oesdn" in config.evaluation.detectors:
+        detectors["oesdn"] = OeSdnDetector(autoencoder.network, sdn.network, config.oesdn, config.image_size)
+    if "ae" in config.evaluation.detectors:
+        detectors["ae"] = AutoencoderDetector(autoencoder.network, config.oesdn, config.image_size)
+    return detectors

@@ -9,18 +9,18 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models.coreset import Coreset, coreset_size, greedy_coreset_dask
-from models.detection import Detections, gather_detections
-from models.patch_features import PatchFeatureExtractor
-from models.patchcore import MemoryBank, PatchCoreScorer
-from storage.dask_cluster import dask_client
-from storage.feature_store import FeatureStore
-from models.config import LineConfig
-from storage.manifest import ManifestRow
-from storage.paths import patchline_home
-from storage.pixels import read_pixels
-from tasks.heap import release_free_memory
-from tasks.timing import stopwatch
+from patchline.models.patchcore.coreset import Coreset, coreset_size, greedy_coreset_dask
+from patchline.models.scoring.detection import Detections, gather_detections
+from patchline.models.patchcore.patch_features import PatchFeatureExtractor
+from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
+from patchline.storage.dask_cluster import dask_client
+from patchline.storage.feature_store import FeatureStore
+from patchline.models.config import LineConfig
+from patchline.storage.manifest import ManifestRow
+from patchline.storage.paths import patchline_home
+from patchline.storage.pixels import read_pixels
+from patchline.tasks.heap import release_free_memory
+from patchline.tasks.timing import stopwatch
 
 # About this many bytes of features per Zarr chunk: big enough for fast reads, small enough to buffer.
 _CHUNK_BYTES = 32 * 2**20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,21 +11,33 @@ import mlflow
 import numpy as np
 from mlflow.entities import Metric
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from models.metrics import image_auroc
-from models.config import LineConfig
-from storage.line_config import save_line
-from storage.manifest import Manifest
-from storage.pixels import read_pixels
-from storage.pyfunc_model import log_line_model
-from storage.registry import (
+from patchline.models.scoring.metrics import image_auroc
+from patchline.models.config import LineConfig
+from patchline.storage.line_config import save_line
+from patchline.storage.manifest import Manifest
+from patchline.storage.paths import patchline_home
+from patchline.storage.pixels import read_pixels
+from patchline.storage.pyfunc_model import log_line_model
+from patchline.storage.registry import (
     CHAMPION, GateDecision, apply_gate, champion_version, decide_promotion, register_version, registered_model_name)
-from storage.tracking import config_params, configure_mlflow, line_experiment_id
-from tasks.evaluate import Evaluation
-from tasks.ingest import LineData
+from patchline.storage.tracking import config_params, configure_mlflow, line_experiment_id
+from patchline.tasks.evaluate import Evaluation
+from patchline.tasks.ingest import LineData
 
 TEST_FINGERPRINT_TAG = "patchline.test_fingerprint"
+MLFLOW_UI_ENV = "PATCHLINE_MLFLOW_UI_URL"
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """The rebuild's MLflow run and the scratch folder its files are written to before logging."""
+
+    run_id: str
+    experiment_id: str
+    work_dir: Path
 
 
 @dataclass(frozen=True)
@@ -40,14 +53,24 @@ def test_fingerprint(data: LineData) -> str:
 
 
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def start_run_task(config: LineConfig, flow_run_id: str | None) -> str:
-    """Open the rebuild's run in the line's experiment with the whole config as params; returns its id."""
+def start_run_task(config: LineConfig, flow_run_id: str | None) -> StartedRun:
+    """Open the rebuild's run in the line's experiment with the whole config as params."""
     client = configure_mlflow()
-    run = client.create_run(line_experiment_id(client, config.name), run_name=f"rebuild-{config.name}",
+    experiment_id = line_experiment_id(client, config.name)
+    run = client.create_run(experiment_id, run_name=f"rebuild-{config.name}",
                             tags={"patchline.line": config.name, "prefect.flow_run_id": str(flow_run_id)})
     params = config_params(config)
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
-    return run.info.run_id
+    return StartedRun(run.info.run_id, experiment_id, patchline_home() / "runs" / config.name / run.info.run_id)
+
+
+@task(name="finish-mlflow-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def finish_run_task(run_id: str, error: str | None = None) -> None:
+    """Mark the run FINISHED, or FAILED with the error as its `patchline.error` tag."""
+    client = configure_mlflow()
+    if error is not None:
+        client.set_tag(run_id, "patchline.error", error[:5000])
+    client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
 
 
 @task(name="log-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -111,3 +134,29 @@ def _champion_metric(client, champion, data: LineData, metric: str) -> float:
     scores = np.concatenate([model.predict([read_pixels(r.source) for r in known[i:i + 32]])["score"]
                              for i in range(0, len(known), 32)])
     return image_auroc(scores, [row.label == "anomaly" for row in known])
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evaluation, outcome: GateOutcome,
+                         timings: dict[str, float]) -> None:
+    """The Prefect markdown artifact: metrics per detector, the gate's decision, and the MLflow links."""
+    ui = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
+    columns = ["image_auroc", "image_f1_max", "threshold", "fpr_at_threshold", "miss_rate_at_threshold",
+               "pixel_auroc", "aupro_30"]
+    shown = [c for c in columns if any(c in m for m in evaluation.metrics.values())]
+    rows = [f"| {name}{' (best)' if name == evaluation.best else ''}{' (decides)' if name == evaluation.calibration.decision_detector else ''} | "
+            + " | ".join(f"{m[c]:.4f}" if c in m else "–" for c in shown) + " |"
+            for name, m in evaluation.metrics.items()]
+    verdict = "promoted to champion" if outcome.decision.promote else f"not promoted (champion stays v{outcome.champion})"
+    markdown = "\n".join([
+        f"# Rebuild of `{config.name}`", "",
+        "| detector | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|", *rows, "",
+        f"**Gate:** version {outcome.version} {verdict}. {outcome.decision.reason}", "",
+        f"- MLflow run: {ui}/#/experiments/{run.experiment_id}/runs/{run.run_id}",
+        f"- Model version: {ui}/#/models/{registered_model_name(config.name)}/versions/{outcome.version}",
+        "", "Stage times (s): " + ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.1f}"
+                                            for k, v in timings.items() if k.startswith("time_")),
+    ])
+    create_markdown_artifact(markdown=markdown, key=f"rebuild-{config.name}",
+                             description=f"Rebuild of {config.name}: metrics and gate decision")
+    get_run_logger().info("%s: version %s %s", config.name, outcome.version, verdict)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import wide_resnet50_2
 
-from models.backbones import build_backbone
-from models.images import imagenet_normalize
-from models.patch_features import PatchFeatureExtractor
-from models.config import ElpvSource, LineConfig, PatchCoreConfig
-from tasks.patchcore import feature_key
+from patchline.models.patchcore.backbones import build_backbone
+from patchline.models.images import imagenet_normalize
+from patchline.models.patchcore.patch_features import PatchFeatureExtractor
+from patchline.models.config import ElpvSource, LineConfig, PatchCoreConfig
+from patchline.tasks.patchcore import feature_key
 
 SIZE = 128
 CPU = torch.device("cpu")

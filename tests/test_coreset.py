@@ -10,9 +10,9 @@ import pytest
 import torch
 from distributed import Client
 
-from models.coreset import (coreset_size, coverage_radius, coverage_radius_dask, greedy_coreset,
+from patchline.models.patchcore.coreset import (coreset_size, coverage_radius, coverage_radius_dask, greedy_coreset,
                             greedy_coreset_dask, project_features)
-from storage.dask_cluster import ADDRESS_ENV, dask_client
+from patchline.storage.dask_cluster import ADDRESS_ENV, dask_client
 
 CPU = torch.device("cpu")
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from models.config import EvaluationConfig
-from models.darkness import score_darkness
-from models.detection import Detections
-from models.line_detector import Calibration, fit_calibration, fuse
-from models.metrics import image_auroc
-from storage.elpv import elpv_arrays
+from patchline.models.config import EvaluationConfig
+from patchline.models.darkness import score_darkness
+from patchline.models.scoring.detection import Detections
+from patchline.models.scoring.calibration import Calibration, fit_calibration, fuse
+from patchline.models.scoring.metrics import image_auroc
+from patchline.storage.sources.elpv import elpv_arrays
 
 
 def test_darkness_rises_when_a_real_cell_dims_and_its_map_is_flat() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from storage.feature_store import FeatureStore, config_hash, data_fingerprint, feature_key
+from patchline.storage.feature_store import FeatureStore, config_hash, data_fingerprint, feature_key
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"backbone": "efficientnet-lite0", "layers": [4, 10], "image_size": 256}
@@ -104,7 +104,7 @@ WRITER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_feature_store import CONFIG, batch
-    from storage.feature_store import FeatureStore
+    from patchline.storage.feature_store import FeatureStore
     store = FeatureStore.open({root!r}, "line-k", CONFIG, block_images=2)
     ids = [f"k{{i:05d}}" for i in range(600)]
     for start in range(0, len(ids), 2):

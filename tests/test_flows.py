@@ -13,13 +13,13 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from models.metrics import image_auroc
-from storage.ingest import build_manifest
-from models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig
-from storage.line_config import save_line
-from storage.pixels import read_pixels
-from storage.registry import CHAMPION, DECISION_TAG, champion_version, registered_model_name
-from storage.tracking import configure_mlflow
+from patchline.models.scoring.metrics import image_auroc
+from patchline.storage.ingest import build_manifest
+from patchline.models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig
+from patchline.storage.line_config import save_line
+from patchline.storage.pixels import read_pixels
+from patchline.storage.registry import CHAMPION, DECISION_TAG, champion_version, registered_model_name
+from patchline.storage.tracking import configure_mlflow
 
 LINE = "elpv-tiny"
 
@@ -49,7 +49,7 @@ def tiny_config(**changes) -> LineConfig:
 
 @pytest.fixture(scope="module")
 def first_rebuild(home):
-    from flows.rebuild import rebuild_product_line
+    from patchline.flows.rebuild import rebuild_product_line
 
     return rebuild_product_line(tiny_config())
 
@@ -88,7 +88,7 @@ def test_champion_model_scores_like_the_rebuild(first_rebuild):
 
 
 def test_a_worse_model_leaves_the_champion(first_rebuild):
-    from flows.rebuild import rebuild_product_line
+    from patchline.flows.rebuild import rebuild_product_line
 
     # Only a barely trained autoencoder: far below PatchCore on these cells.
     worse = tiny_config(evaluation=EvaluationConfig(calibration_fraction=0.3, detectors=("ae",)),
@@ -112,8 +112,8 @@ def broken_line(tmp_path: Path) -> Path:
 
 
 def test_a_failed_rebuild_leaves_the_registry_untouched(first_rebuild, tmp_path):
-    from flows.rebuild import rebuild_product_line
-    from storage.line_config import load_line
+    from patchline.flows.rebuild import rebuild_product_line
+    from patchline.storage.line_config import load_line
 
     client = configure_mlflow()
     before = {(v.name, v.version) for v in client.search_model_versions()}
@@ -125,7 +125,7 @@ def test_a_failed_rebuild_leaves_the_registry_untouched(first_rebuild, tmp_path)
 
 
 def test_nightly_survives_a_broken_line(first_rebuild, tmp_path):
-    from flows.nightly import nightly
+    from patchline.flows.nightly import nightly
 
     good = save_line(tiny_config(), tmp_path / f"{LINE}.yaml")
     query = f"name = '{registered_model_name(LINE)}'"
@@ -136,8 +136,8 @@ def test_nightly_survives_a_broken_line(first_rebuild, tmp_path):
 
 
 def test_deployments_carry_each_lines_cron(home):
-    from deployments.schedules import register
-    from storage.line_config import load_line
+    from patchline.deployments.schedules import register
+    from patchline.storage.line_config import load_line
 
     ids = register(["elpv-mono", "elpv-poly"])
 
@@ -154,7 +154,7 @@ def test_deployments_carry_each_lines_cron(home):
 
 
 def test_batch_scoring_writes_csv_and_heat_maps_and_reports_bad_files(first_rebuild, tmp_path):
-    from flows.score import score_images
+    from patchline.flows.score import score_images
 
     folder = tmp_path / "incoming"
     folder.mkdir()
@@ -178,7 +178,7 @@ def test_batch_scoring_writes_csv_and_heat_maps_and_reports_bad_files(first_rebu
 def test_cli_nightly_promote_and_rollback(first_rebuild, tmp_path):
     from typer.testing import CliRunner
 
-    from patchline_cli import app
+    from patchline.cli import app
 
     runner = CliRunner()
     good = save_line(tiny_config(), tmp_path / f"{LINE}.yaml")

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from patchline_cli import app
-from storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
+from patchline.cli import app
+from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
 
 runner = CliRunner()
 

@@ -9,8 +9,8 @@ import pytest
 import zarr
 from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from models import metrics
-from models.metrics import (
+from patchline.models.scoring import metrics
+from patchline.models.scoring.metrics import (
     aupro, best_detector, error_rates_at_threshold, evaluate_detector, f1_max, fit_fusion_normalisers,
     fuse_scores, image_auroc, pixel_auroc, pr_curve_points, roc_curve_points, threshold_from_good_scores,
 )

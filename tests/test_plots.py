@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.elpv import elpv_arrays
-from storage.plots import (
+from patchline.storage.sources.elpv import elpv_arrays
+from patchline.storage.plots import (
     plot_heatmap_gallery, plot_pr_curves, plot_roc_curves, plot_score_histograms, select_gallery,
 )
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from models.config import PromotionConfig
-from storage.registry import (
+from patchline.models.config import PromotionConfig
+from patchline.storage.registry import (
     CHALLENGER, CHAMPION, DECISION_TAG, REASON_TAG, apply_gate, champion_version, decide_promotion,
     promote, register_version, registered_model_name, rollback)
-from storage.tracking import configure_mlflow, line_experiment_id
+from patchline.storage.tracking import configure_mlflow, line_experiment_id
 
 RULE = PromotionConfig(metric="image_auroc", tolerance=0.01)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deployments.services import (
+from patchline.deployments.services import (
     ServiceError, port_in_use, running_uis, start_mlflow_server, stop_services, wait_until_healthy)
 
 PATCHLINE = Path(sys.executable).parent / "patchline"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from models.images import imagenet_normalize
+from patchline.models.images import imagenet_normalize
 
 log = logging.getLogger(__name__)
 

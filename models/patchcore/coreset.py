@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from models.images import pick_device
+from patchline.models.images import pick_device
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,12 @@ from functools import lru_cache
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from models.config import ElpvSource
-from storage.manifest import ManifestRow, content_hash
+from patchline.models.config import ElpvSource
+from patchline.storage.manifest import ManifestRow, SourceScan, content_hash
 
-SOURCE_PREFIX = "elpv:"
+# Manifest rows point at a cell by its index in the set: "elpv:<index>".
+SCHEME = "elpv"
+SOURCE_PREFIX = f"{SCHEME}:"
 _AMBIGUOUS_NAMES = {1: "ambiguous_p1_3", 2: "ambiguous_p2_3"}
 
 
@@ -50,3 +52,12 @@ def elpv_rows(source: ElpvSource) -> list[ManifestRow]:
                 label=label, defect_type=defect_type(index), mask=None,
                 width=pixels.shape[1], height=pixels.shape[0], channels=1))
     return rows
+
+
+def scan(source: ElpvSource) -> SourceScan:
+    return SourceScan(elpv_rows(source), [])
+
+
+def read_pixels(reference: str) -> np.ndarray:
+    """uint8 (300, 300, 1) pixels of the cell an "elpv:<index>" reference names."""
+    return elpv_arrays()[0][int(reference.removeprefix(SOURCE_PREFIX))][:, :, None]

@@ -7,17 +7,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from storage.image_files import IMAGE_SUFFIXES, BadImageError, decode_image
-from storage.manifest import ManifestRow, SkippedFile, content_hash
+from patchline.models.config import MvtecSource
 
-
-@dataclass
-class MvtecScan:
-    rows: list[ManifestRow]
-    problems: list[SkippedFile]
+from patchline.storage.image_files import IMAGE_SUFFIXES, BadImageError, decode_image
+from patchline.storage.manifest import ManifestRow, SkippedFile, SourceScan, content_hash
 
 
 class MvtecLayoutError(ValueError):
@@ -29,7 +24,11 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def scan_mvtec(root: Path) -> MvtecScan:
+def scan(source: MvtecSource) -> SourceScan:
+    return _scan(source.root)
+
+
+def _scan(root: Path) -> SourceScan:
     """Decode every image and mask under `root` once; return good rows and every problem found."""
     train_dir = root / "train" / "good"
     if not root.is_dir():
@@ -83,4 +82,4 @@ def scan_mvtec(root: Path) -> MvtecScan:
     if not any(row.split == "train" for row in rows):
         reason = "no usable good images" if _image_files(train_dir) else "empty folder"
         raise MvtecLayoutError(f"{train_dir}: {reason}; training needs at least one good image")
-    return MvtecScan(rows, problems)
+    return SourceScan(rows, problems)

@@ -9,14 +9,14 @@ from typing import Annotated
 
 import typer
 
-from storage.paths import configure_environment
+from patchline.storage.paths import configure_environment
 
 configure_environment()
 
-from storage.ingest import IngestError, build_manifest  # noqa: E402  (environment first)
-from models.config import ElpvSource, LineConfig, MvtecSource
-from storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
-from storage.mvtec import MvtecLayoutError  # noqa: E402
+from patchline.storage.ingest import IngestError, build_manifest  # noqa: E402  (environment first)
+from patchline.models.config import ElpvSource, LineConfig, MvtecSource
+from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
+from patchline.storage.sources.mvtec import MvtecLayoutError  # noqa: E402
 
 app = typer.Typer(help="Nightly anomaly-detection model rebuilds, one per product line.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -48,8 +48,8 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug 
 @app.command("lines")
 def lines_command() -> None:
     """List the configured product lines with their schedule and current champion."""
-    from storage.registry import PROMOTED_AT_TAG, champion_version
-    from storage.tracking import configure_mlflow
+    from patchline.storage.registry import PROMOTED_AT_TAG, champion_version
+    from patchline.storage.tracking import configure_mlflow
 
     client = configure_mlflow()
     for name, path in bundled_line_files().items():
@@ -117,7 +117,7 @@ def ui_command(
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
 ) -> None:
     """Start the Prefect and MLflow UIs on 127.0.0.1 with their data under PATCHLINE_HOME; Ctrl-C stops both."""
-    from deployments.services import ServiceError, block_until_one_exits, running_uis
+    from patchline.deployments.services import ServiceError, block_until_one_exits, running_uis
 
     # SIGTERM (`kill`, a service manager) takes the same clean path as Ctrl-C; SIGINT is set explicitly
     # because a shell that starts us in the background leaves it ignored.
@@ -161,7 +161,7 @@ def _print_rebuild(result: dict) -> None:
 @app.command("rebuild")
 def rebuild_command(line: LineArg, detectors: DetectorsOption = None) -> None:
     """Rebuild one product line now: features, coreset, OE-SDN, evaluation, MLflow, gate."""
-    from flows.rebuild import rebuild_product_line
+    from patchline.flows.rebuild import rebuild_product_line
 
     config = _with_detectors(_load(line), detectors)
     state = rebuild_product_line(config, return_state=True)
@@ -175,7 +175,7 @@ def nightly_command(
     lines: Annotated[list[str] | None, typer.Argument(help="Lines to rebuild; default: every configured line.")] = None,
 ) -> None:
     """Rebuild every configured line (or the given ones); one line's failure does not stop the others."""
-    from flows.nightly import nightly
+    from patchline.flows.nightly import nightly
 
     state = nightly(lines or None, return_state=True)
     summary = state.result(raise_on_failure=False)
@@ -196,7 +196,7 @@ def score_command(
     out: Annotated[Path, typer.Option(help="Folder for scores.csv and heatmaps/.")] = Path("scores"),
 ) -> None:
     """Score images with the line's champion model; unreadable files are reported in the CSV."""
-    from flows.score import score_images
+    from patchline.flows.score import score_images
 
     name = _load(line).name
     try:
@@ -212,7 +212,7 @@ def deploy_command(
     serve: Annotated[bool, typer.Option(help="Serve the deployments here after registering them.")] = True,
 ) -> None:
     """Register one nightly deployment per line (its cron) plus batch scoring in the Prefect API, and serve them."""
-    from deployments.schedules import register, serve_deployments
+    from patchline.deployments.schedules import register, serve_deployments
 
     if not serve:
         ids = register(lines or None)
@@ -230,8 +230,8 @@ def promote_command(
     """Move the line's champion alias to VERSION."""
     from mlflow.exceptions import MlflowException
 
-    from storage.registry import promote
-    from storage.tracking import configure_mlflow
+    from patchline.storage.registry import promote
+    from patchline.storage.tracking import configure_mlflow
 
     name = _load(line).name
     try:
@@ -244,8 +244,8 @@ def promote_command(
 @app.command("rollback")
 def rollback_command(line: LineArg) -> None:
     """Give the champion alias back to the version that held it before."""
-    from storage.registry import rollback
-    from storage.tracking import configure_mlflow
+    from patchline.storage.registry import rollback
+    from patchline.storage.tracking import configure_mlflow
 
     name = _load(line).name
     try:

@@ -13,12 +13,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from models.autoencoder import ConvAutoencoder
-from models.detection import Detections
-from models.images import images_to_tensor
-from models.sdn import StyleDistillationNetwork
-from models.ssim import gaussian_blur, ssim_map
-from models.config import OeSdnConfig
+from patchline.models.oesdn.autoencoder import ConvAutoencoder
+from patchline.models.scoring.detection import Detections
+from patchline.models.images import images_to_tensor
+from patchline.models.oesdn.sdn import StyleDistillationNetwork
+from patchline.models.oesdn.ssim import gaussian_blur, ssim_map
+from patchline.models.config import OeSdnConfig
 
 MapFunction = Callable[[torch.Tensor], torch.Tensor]
 
