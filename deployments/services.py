@@ -1,4 +1,5 @@
-"""The Prefect and MLflow servers behind `patchline ui`, run as child processes on 127.0.0.1."""
+"""The servers patchline starts as child processes on 127.0.0.1: the Prefect and MLflow UIs behind
+`patchline ui`, and a line's model over MLflow's REST API behind `patchline serve`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from patchline.storage.paths import patchline_home
+from patchline.storage.registry import CHAMPION, registered_model_name
 from patchline.storage.tracking import artifact_root, tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,32 @@ def start_mlflow_server(port: int) -> Service:
     return _launch("MLflow server", argv, env, port, "/health")
 
 
+def start_model_server(line: str, port: int, version: str | None = None) -> Service:
+    """`mlflow models serve` of the line's champion (or `version`) in this environment; not yet healthy."""
+    name = registered_model_name(line)
+    model_uri = f"models:/{name}/{version}" if version else f"models:/{name}@{CHAMPION}"
+    # MLflow runs `uvicorn` by name, which is in this environment's bin folder, not necessarily on PATH.
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    argv = [str(_BIN / "mlflow"), "models", "serve", "--model-uri", model_uri, "--env-manager", "local",
+            "--host", HOST, "--port", str(port), "--workers", "1"]
+    return _launch(f"model server {line}", argv, env, port, "/ping")
+
+
+@contextmanager
+def serving_model(line: str, port: int = 5001, version: str | None = None,
+                  timeout_s: float = 180.0) -> Iterator[Service]:
+    """The line's model served and healthy inside the block, stopped when it exits (however it exits)."""
+    if port_in_use(port):
+        raise ValueError(f"port {port}: {HOST}:{port} is already in use; stop that server or choose another port")
+    server = start_model_server(line, port, version)
+    try:
+        wait_until_healthy((server,), timeout_s)
+        yield server
+    finally:
+        stop_services((server,))
+
+
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -191,10 +219,10 @@ def running_uis(prefect_port: int = 4200, mlflow_port: int = 5000,
         stop_services(tuple(started))
 
 
-def block_until_one_exits(uis: RunningUis, poll_s: float = 1.0) -> NoReturn:
-    """Block while both servers run; `ServiceError` naming the first that exits and its log."""
+def block_until_one_exits(services: tuple[Service, ...], poll_s: float = 1.0) -> NoReturn:
+    """Block while the servers run; `ServiceError` naming the first that exits and its log."""
     while True:
-        for service in uis.services:
+        for service in services:
             code = service.process.poll()
             if code is not None:
                 raise ServiceError(f"{service.name} exited with code {code}; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -37,10 +38,29 @@ def _load(line: str) -> LineConfig:
         raise  # unreachable; keeps type checkers content
 
 
+class _RunMessagesOnly(logging.Filter):
+    """The console without -v: patchline's own lines and every warning, not third-party INFO chatter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or record.name.startswith("patchline"):
+            return True
+        # Prefect's run loggers carry the tasks' own lines; each task's success is in the Prefect UI.
+        return record.name in ("prefect.flow_runs", "prefect.task_runs") and \
+            not record.getMessage().startswith("Finished in state Completed")
+
+
 @app.callback()
-def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _setup(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Debug logging, Prefect's, MLflow's and Dask's INFO lines included.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_RunMessagesOnly())
+        # MLflow logs through a handler of its own (database migrations, artifact uploads), set up when
+        # it is imported, at the level this variable names; `mlflow models serve` children inherit it.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     # One line per request to the local Prefect API would bury the run's own messages.
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
@@ -128,9 +148,32 @@ def ui_command(
             typer.echo(f"Prefect UI: {uis.prefect.url}")
             typer.echo(f"MLflow UI:  {uis.mlflow.url}")
             typer.echo("Ctrl-C stops both.")
-            block_until_one_exits(uis)
+            block_until_one_exits(uis.services)
     except KeyboardInterrupt:
         typer.echo("Stopped the Prefect and MLflow servers.")
+    except (ValueError, ServiceError) as error:
+        _fail(error)
+
+
+@app.command("serve")
+def serve_command(
+    line: LineArg,
+    port: Annotated[int, typer.Option(help="Port of the model's REST API.")] = 5001,
+    version: Annotated[str | None, typer.Option(help="Model version to serve; default: the champion.")] = None,
+) -> None:
+    """Serve the line's champion over MLflow's REST API on 127.0.0.1 (POST /invocations); Ctrl-C stops it."""
+    from patchline.deployments.services import ServiceError, block_until_one_exits, serving_model
+
+    config = _load(line)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with serving_model(config.name, port, version) as server:
+            typer.echo(f"Serving {config.name} {'v' + version if version else '@champion'}: POST {server.url}/invocations")
+            typer.echo("Ctrl-C stops it.")
+            block_until_one_exits((server,))
+    except KeyboardInterrupt:
+        typer.echo("Stopped the model server.")
     except (ValueError, ServiceError) as error:
         _fail(error)
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
+from mlflow.types.schema import Schema, TensorSpec
 
 from patchline.storage.image_files import decode_image_bytes
 from patchline.storage.pixels import read_pixels
@@ -51,7 +53,9 @@ class PatchlineModel(PythonModel):
 
         self.detector = load_bundle(Path(context.artifacts[BUNDLE_ARTIFACT]))
 
-    def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
+    # MLflow reads this hint: np.ndarray is one it neither validates nor converts against, so every input
+    # form above reaches `as_images` as sent (with no hint it warns when the class is defined).
+    def predict(self, context, model_input: np.ndarray, params=None) -> dict[str, np.ndarray]:
         images = as_images(model_input)
         detections = self.detector.score(images)
         chosen, decisions, threshold = self.detector.decide(detections)
@@ -59,6 +63,13 @@ class PatchlineModel(PythonModel):
                   "threshold": np.full(len(images), threshold, np.float32), "anomaly_map": chosen.maps}
         output.update({f"score_{name}": d.scores for name, d in detections.items()})
         return output
+
+
+# Outputs only: an input schema would make MLflow validate inputs against one form. Every line's model
+# also returns `score_<detector>` per detector it enables.
+SIGNATURE = ModelSignature(outputs=Schema([
+    TensorSpec(np.dtype(np.float32), (-1,), "score"), TensorSpec(np.dtype(bool), (-1,), "decision"),
+    TensorSpec(np.dtype(np.float32), (-1,), "threshold"), TensorSpec(np.dtype(np.float32), (-1, -1, -1), "anomaly_map")]))
 
 
 def as_images(model_input) -> list[np.ndarray]:
@@ -129,10 +140,10 @@ def _package_copy(folder: Path) -> Path:
 def log_line_model(bundle: Path) -> ModelInfo:
     """Log the bundle as this run's pyfunc model `model` (from code: no pickled Python objects)."""
     with tempfile.TemporaryDirectory(prefix="patchline-code-") as scratch, warnings.catch_warnings():
-        # Type hints on `predict` would make MLflow validate (and convert) inputs against them, while
-        # `as_images` takes several input shapes; MLflow warns about their absence on every log.
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method", category=UserWarning)
+        # An input example would be scored at every log to check it (minutes on a big line); the
+        # accepted inputs are documented on `PatchlineModel` instead.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         return mlflow.pyfunc.log_model(name="model", python_model=str(ENTRY_POINT),
                                        artifacts={BUNDLE_ARTIFACT: str(bundle)},
-                                       code_paths=[str(_package_copy(Path(scratch)))],
+                                       code_paths=[str(_package_copy(Path(scratch)))], signature=SIGNATURE,
                                        pip_requirements=scoring_requirements())

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
 
 from patchline.models.patchcore.coreset import Coreset, coreset_size, greedy_coreset_dask
 from patchline.models.scoring.detection import Detections, gather_detections
@@ -83,8 +84,8 @@ def extract_features_task(config: LineConfig, rows: list[ManifestRow], root: str
             features = np.concatenate(list(extractor.extract_images([read_pixels(r.source) for r in chunk])))
             store.write_batch([r.id for r in chunk], features)
         release_free_memory()
-    get_run_logger().info("features: %d new of %d images (%s), store holds %d", len(pending), len(rows),
-                          config.patchcore.backbone, len(store))
+    get_run_logger().info("features: %d new of %d images (%s) in %.1f s, store holds %d", len(pending), len(rows),
+                          config.patchcore.backbone, elapsed[0], len(store))
     return StoredFeatures(root, config.name, feature_key(config), extractor.grid, len(pending), elapsed[0])
 
 
@@ -101,7 +102,8 @@ def select_coreset_task(config: LineConfig, features: StoredFeatures, fit_rows: 
             coreset = greedy_coreset_dask(patches, size, projection_dim=config.patchcore.projection_dim,
                                           scratch=scratch)
         release_free_memory()
-    get_run_logger().info("coreset: %d of %d patches, coverage radius %.4f", size, patches.shape[0], coreset.radius)
+    get_run_logger().info("coreset: %d of %d patches in %.1f s, coverage radius %.4f", size, patches.shape[0],
+                          elapsed[0], coreset.radius)
     return SelectedCoreset(coreset, int(patches.shape[0]), elapsed[0])
 
 
@@ -131,6 +133,7 @@ def score_patchcore_task(features: StoredFeatures, bank: MemoryBank, rows: list[
     """PatchCore detections of `rows` from their stored features."""
     store = features.open()
     scorer = PatchCoreScorer(bank)
+    starts = tqdm(range(0, len(rows), batch), desc="patchcore scoring", unit="batch", disable=None)
     batches = (scorer.score(store.read([r.id for r in rows[i:i + batch]]), features.grid, bank.image_size)
-               for i in range(0, len(rows), batch))
+               for i in starts)
     return gather_detections(batches, len(rows))

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
+import io
+import json
+import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -85,6 +91,46 @@ def test_champion_model_scores_like_the_rebuild(first_rebuild):
         assert image_auroc(output[f"score_{detector}"], labels) == pytest.approx(metrics[f"{detector}_image_auroc"], abs=1e-6)
     assert output["anomaly_map"].shape == (len(rows), 64, 64)
     assert set(np.unique(output["decision"])) <= {True, False}
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_champion_is_served_over_mlflow_rest_and_scores_as_in_process(first_rebuild):
+    """`mlflow models serve -m models:/patchline-<line>@champion`: pixels as JSON lists and encoded PNG
+    files get the in-process scores back; bad pixels get a 400 that says what is wrong."""
+    from patchline.deployments.services import serving_model
+
+    rows = [r for r in build_manifest(tiny_config()).select(split="test") if r.label != "ambiguous"][:3]
+    images = [read_pixels(r.source) for r in rows]
+    expected = mlflow.pyfunc.load_model(f"models:/{registered_model_name(LINE)}@{CHAMPION}").predict(images)
+    pngs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image[:, :, 0]).save(buffer, format="PNG")
+        pngs.append(base64.b64encode(buffer.getvalue()).decode())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with serving_model(LINE, port) as server:
+        for body in ({"inputs": np.stack(images).tolist()}, {"inputs": {"image": pngs}},
+                     {"dataframe_split": {"columns": ["image"], "data": [[png] for png in pngs]}}):
+            status, answer = post_json(f"{server.url}/invocations", body)
+            assert status == 200, answer
+            served = answer["predictions"]
+            for key in ("score", "threshold", "score_patchcore", "score_oesdn", "score_fused"):
+                np.testing.assert_allclose(served[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
+            assert served["decision"] == expected["decision"].tolist()
+            np.testing.assert_allclose(served["anomaly_map"], expected["anomaly_map"], rtol=0, atol=1e-5)
+        status, answer = post_json(f"{server.url}/invocations", {"inputs": [[[0, 300], [1, 2]]]})
+        # MLflow's message is generic; the model's own reason comes in the stack trace it returns.
+        assert status == 400 and "pixel values must lie in 0..255" in json.dumps(answer), answer
 
 
 def test_a_worse_model_leaves_the_champion(first_rebuild):

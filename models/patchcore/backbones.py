@@ -20,8 +20,8 @@ from patchline.models.images import imagenet_normalize
 
 log = logging.getLogger(__name__)
 
-# The stride-8 and stride-16 stage ends at 256 px (STACK_NOTES.md): EfficientNet `_blocks` indices,
-# torchvision ResNet `layerN` numbers.
+# The stride-8 and stride-16 stage ends at 256 px (read off the backbones' output shapes):
+# EfficientNet `_blocks` indices, torchvision ResNet `layerN` numbers.
 DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {
     "efficientnet-lite0": (4, 10),
     "efficientnet-lite2": (6, 14),
