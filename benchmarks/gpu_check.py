@@ -32,15 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.throughput import extract_all  # noqa: E402
 from patchline.models.config import ElpvSource, LineConfig  # noqa: E402
-from patchline.models.patchcore.coreset import coreset_size, greedy_coreset, greedy_coreset_dask  # noqa: E402
-from patchline.models.scoring.metrics import image_auroc  # noqa: E402
 from patchline.models.oesdn.scoring import score_autoencoder, score_oesdn  # noqa: E402
 from patchline.models.oesdn.training import train_autoencoder, train_sdn  # noqa: E402
-from patchline.models.patchcore.patch_features import PatchFeatureExtractor  # noqa: E402
+from patchline.models.patchcore.coreset import coreset_size, greedy_coreset, greedy_coreset_dask  # noqa: E402
 from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer  # noqa: E402
-from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
+from patchline.models.patchcore.patch_features import PatchFeatureExtractor  # noqa: E402
+from patchline.models.scoring.metrics import image_auroc  # noqa: E402
 from patchline.storage.line_config import load_line  # noqa: E402
 from patchline.storage.manifest import hold_out_calibration  # noqa: E402
+from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -35,13 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.oesdn_protocols import Protocol, Split, digits_protocols, texture_protocol, TEXTURES  # noqa: E402
 from benchmarks.overrides import apply_settings  # noqa: E402
 from patchline.models.config import ElpvSource, OeSdnConfig  # noqa: E402
-from patchline.models.scoring.detection import Detections  # noqa: E402
 from patchline.models.images import pick_device  # noqa: E402
-from patchline.models.scoring.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from patchline.models.oesdn.scoring import score_autoencoder, score_oesdn  # noqa: E402
 from patchline.models.oesdn.training import train_autoencoder, train_sdn  # noqa: E402
-from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
+from patchline.models.scoring.detection import Detections  # noqa: E402
+from patchline.models.scoring.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from patchline.storage.line_config import load_line  # noqa: E402
+from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
 
 logger = logging.getLogger("benchmarks.oesdn")
 DETECTORS = ("ae", "ae_ssim", "sdn", "oesdn")

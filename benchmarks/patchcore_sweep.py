@@ -30,12 +30,12 @@ from patchline.storage.paths import configure_environment  # noqa: E402
 configure_environment()
 
 from benchmarks.peer_settings import PEER_SPLITS, peer_config, peer_split  # noqa: E402
-from patchline.models.patchcore.backbones import DEFAULT_LAYERS  # noqa: E402
 from patchline.models.config import LineConfig  # noqa: E402
+from patchline.models.patchcore.backbones import DEFAULT_LAYERS  # noqa: E402
 from patchline.models.patchcore.coreset import coreset_size, greedy_coreset_dask  # noqa: E402
-from patchline.models.scoring.metrics import image_auroc  # noqa: E402
-from patchline.models.patchcore.patch_features import PatchFeatureExtractor  # noqa: E402
 from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer  # noqa: E402
+from patchline.models.patchcore.patch_features import PatchFeatureExtractor  # noqa: E402
+from patchline.models.scoring.metrics import image_auroc  # noqa: E402
 from patchline.storage.dask_cluster import dask_client  # noqa: E402
 from patchline.storage.pixels import read_pixels  # noqa: E402
 

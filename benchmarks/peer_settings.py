@@ -42,11 +42,11 @@ configure_environment()
 from prefect.logging import disable_run_logger  # noqa: E402
 
 from benchmarks.rss import PeakRss  # noqa: E402
-from patchline.models.patchcore.coreset import greedy_coreset  # noqa: E402
-from patchline.models.scoring.metrics import image_auroc  # noqa: E402
-from patchline.models.patchcore.detector import PatchCoreDetector  # noqa: E402
-from patchline.storage.ingest import build_manifest  # noqa: E402
 from patchline.models.config import LineConfig  # noqa: E402
+from patchline.models.patchcore.coreset import greedy_coreset  # noqa: E402
+from patchline.models.patchcore.detector import PatchCoreDetector  # noqa: E402
+from patchline.models.scoring.metrics import image_auroc  # noqa: E402
+from patchline.storage.ingest import build_manifest  # noqa: E402
 from patchline.storage.line_config import load_line
 from patchline.storage.manifest import ManifestRow  # noqa: E402
 from patchline.storage.pixels import read_pixels  # noqa: E402

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from patchline.models.images import pick_device  # noqa: E402
-from patchline.models.patchcore.patch_features import PatchFeatureExtractor  # noqa: E402
-from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer  # noqa: E402
-from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
 from patchline.models.config import ElpvSource, LineConfig, PatchCoreConfig  # noqa: E402
+from patchline.models.images import pick_device  # noqa: E402
+from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer  # noqa: E402
+from patchline.models.patchcore.patch_features import PatchFeatureExtractor  # noqa: E402
+from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
 
 T = TypeVar("T")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,10 @@ import torch.nn.functional as F
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from patchline.models.scoring.detection import Detections
-from patchline.models.scoring.calibration import FUSED, Calibration, fit_calibration, fuse
-from patchline.models.scoring.metrics import best_detector, evaluate_detector
 from patchline.models.config import LineConfig
+from patchline.models.scoring.calibration import FUSED, Calibration, fit_calibration, fuse
+from patchline.models.scoring.detection import Detections
+from patchline.models.scoring.metrics import best_detector, evaluate_detector
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.pixels import read_mask, read_pixels
 from patchline.storage.plots import plot_heatmap_gallery, plot_pr_curves, plot_roc_curves, plot_score_histograms
@@ -43,6 +44,7 @@ class Evaluation:
 def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_set: dict[str, Detections],
                   test_set: dict[str, Detections], out_dir: Path) -> Evaluation:
     """Metrics of every detector (and the fused one) on the test rows, thresholds from held-out goods."""
+    started = time.perf_counter()
     settings = config.evaluation
     calibration = fit_calibration(calibration_set, settings.threshold_percentile, next(iter(calibration_set)),
                                   settings.fusion_weights)
@@ -63,9 +65,10 @@ def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_
     if decision not in metrics:
         raise ValueError(f"decision_detector {decision!r} is not among this line's detectors {sorted(metrics)}")
     calibration = dataclasses.replace(calibration, decision_detector=decision)
-    get_run_logger().info("%s: image AUROC %s; best %s, deciding %s", config.name,
-                          {n: round(m["image_auroc"], 4) for n, m in metrics.items()}, best, decision)
     plots = _plots(test_rows, labels, test_set, calibration, out_dir)
+    get_run_logger().info("%s: image AUROC %s; best %s, deciding %s; evaluated in %.1f s", config.name,
+                          {n: round(m["image_auroc"], 4) for n, m in metrics.items()}, best, decision,
+                          time.perf_counter() - started)
     return Evaluation(metrics, calibration, best, plots)
 
 

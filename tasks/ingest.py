@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from patchline.storage.ingest import build_manifest
 from patchline.models.config import LineConfig
+from patchline.storage.ingest import build_manifest
 from patchline.storage.manifest import Manifest, ManifestRow, hold_out_calibration
+from patchline.tasks.timing import stopwatch
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class LineData:
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_line(config: LineConfig) -> LineData:
     """Build and validate the manifest and split off the held-out good images for calibration."""
-    manifest = build_manifest(config)
-    get_run_logger().info("ingested %s\n%s", config.name, manifest.summary())
+    with stopwatch() as elapsed:
+        manifest = build_manifest(config)
+    get_run_logger().info("ingested %s in %.1f s\n%s", config.name, elapsed[0], manifest.summary())
     fit, calibration = hold_out_calibration(manifest.select("train", "good"), config.evaluation.calibration_fraction)
     return LineData(manifest, fit, calibration, manifest.select(split="test"))

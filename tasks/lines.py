@@ -6,9 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from patchline.models.config import LineConfig
-from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line
-
-__all__ = ["LineConfigError", "configured_lines", "load_line_task"]
+from patchline.storage.line_config import bundled_line_files, load_line
 
 
 def configured_lines() -> list[str]:

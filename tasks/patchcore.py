@@ -10,13 +10,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
+from patchline.models.config import LineConfig
 from patchline.models.patchcore.coreset import Coreset, coreset_size, greedy_coreset_dask
-from patchline.models.scoring.detection import Detections, gather_detections
-from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
+from patchline.models.patchcore.patch_features import PatchFeatureExtractor
+from patchline.models.scoring.detection import Detections, gather_detections
 from patchline.storage.dask_cluster import dask_client
 from patchline.storage.feature_store import FeatureStore
-from patchline.models.config import LineConfig
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.paths import patchline_home
 from patchline.storage.pixels import read_pixels

@@ -14,8 +14,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from patchline.models.scoring.metrics import image_auroc
 from patchline.models.config import LineConfig
+from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.line_config import save_line
 from patchline.storage.manifest import Manifest
 from patchline.storage.paths import patchline_home
@@ -79,6 +79,7 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
                      bundle: Path, work_dir: Path) -> str:
     """Metrics, loss curves, plots, manifest, config and the pyfunc model; returns the model URI."""
     client = configure_mlflow()
+    started = time.perf_counter()
     now = int(time.time() * 1000)
     metrics = {**evaluation.flat_metrics(), **extra_metrics}
     metrics.update({f"manifest_{key.replace('/', '_')}": float(n) for key, n in data.manifest.counts().items()})
@@ -100,7 +101,8 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
         client.log_artifact(run_id, str(path), "plots")
     with mlflow.start_run(run_id=run_id):
         info = log_line_model(bundle)
-    get_run_logger().info("logged run %s with model %s", run_id, info.model_uri)
+    get_run_logger().info("logged run %s with model %s in %.1f s", run_id, info.model_uri,
+                          time.perf_counter() - started)
     return info.model_uri
 
 

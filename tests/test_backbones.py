@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import wide_resnet50_2
 
-from patchline.models.patchcore.backbones import build_backbone
-from patchline.models.images import imagenet_normalize
-from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.config import ElpvSource, LineConfig, PatchCoreConfig
+from patchline.models.images import imagenet_normalize
+from patchline.models.patchcore.backbones import build_backbone
+from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.tasks.patchcore import feature_key
 
 SIZE = 128

@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 from patchline.models.config import EvaluationConfig
 from patchline.models.darkness import score_darkness
-from patchline.models.scoring.detection import Detections
 from patchline.models.scoring.calibration import Calibration, fit_calibration, fuse
+from patchline.models.scoring.detection import Detections
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.sources.elpv import elpv_arrays
 

@@ -19,9 +19,9 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
+from patchline.models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.ingest import build_manifest
-from patchline.models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig
 from patchline.storage.line_config import save_line
 from patchline.storage.pixels import read_pixels
 from patchline.storage.registry import CHAMPION, DECISION_TAG, champion_version, registered_model_name

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from patchline.models.config import ElpvSource, LineConfig, MvtecSource
 from patchline.storage.image_files import BadImageError, decode_image
 from patchline.storage.ingest import IngestError, build_manifest
-from patchline.models.config import ElpvSource, LineConfig, MvtecSource
-from patchline.storage.sources.mvtec import MvtecLayoutError
 from patchline.storage.pixels import read_mask, read_pixels
+from patchline.storage.sources.mvtec import MvtecLayoutError
 from tests.conftest import textured, write_image
 
 

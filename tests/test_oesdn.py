@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from patchline.models.config import OeSdnConfig
 from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.oesdn.checkpoint import load_autoencoder, load_sdn, save_network
 from patchline.models.oesdn.scoring import image_scores, score_autoencoder, score_oesdn
-from patchline.models.oesdn.training import rotate_batch, train_autoencoder, train_sdn
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
 from patchline.models.oesdn.ssim import dssim, dssim_mse, ssim_map
+from patchline.models.oesdn.training import rotate_batch, train_autoencoder, train_sdn
 from patchline.storage.sources.elpv import elpv_arrays
-from patchline.models.config import OeSdnConfig
 
 SIZE = 64
 CONFIG = OeSdnConfig(image_size=SIZE, channels=1, ae_base_width=8, ae_latent_dim=32, sdn_base_width=16,

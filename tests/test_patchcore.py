@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from patchline.models.scoring.detection import Detections, gather_detections
-from patchline.models.patchcore.patch_features import PatchFeatureExtractor
-from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
-from patchline.storage.sources.elpv import elpv_arrays
 from patchline.models.config import PatchCoreConfig
+from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
+from patchline.models.patchcore.patch_features import PatchFeatureExtractor
+from patchline.models.scoring.detection import Detections, gather_detections
+from patchline.storage.sources.elpv import elpv_arrays
 
 CPU = torch.device("cpu")
 

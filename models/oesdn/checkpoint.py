@@ -13,8 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.images import pick_device
+from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
 
 _KINDS: dict[str, type[nn.Module]] = {"autoencoder": ConvAutoencoder, "sdn": StyleDistillationNetwork}

@@ -12,13 +12,14 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from patchline.models.oesdn.autoencoder import ConvAutoencoder
-from patchline.models.scoring.detection import Detections
+from patchline.models.config import OeSdnConfig
 from patchline.models.images import images_to_tensor
+from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
 from patchline.models.oesdn.ssim import gaussian_blur, ssim_map
-from patchline.models.config import OeSdnConfig
+from patchline.models.scoring.detection import Detections
 
 MapFunction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -62,7 +63,8 @@ def _detect(residual: MapFunction, model: torch.nn.Module, images: Sequence[np.n
     device = next(model.parameters()).device
     maps = []
     with torch.no_grad():
-        for start in range(0, len(images), config.batch_size):
+        for start in tqdm(range(0, len(images), config.batch_size), desc="reconstruction scoring", unit="batch",
+                          disable=None, leave=False):
             batch = images_to_tensor(images[start:start + config.batch_size], config.image_size, config.channels)
             anomaly = residual(batch.to(device)).float().mean(dim=1, keepdim=True)
             if config.smoothing_sigma > 0:

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from patchline.models.oesdn.autoencoder import ConvAutoencoder
+from patchline.models.config import OeSdnConfig
 from patchline.models.images import images_to_tensor, pick_device
+from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
 from patchline.models.oesdn.ssim import dssim_mse
-from patchline.models.config import OeSdnConfig
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from patchline.models.scoring.detection import Detections
-from patchline.models.images import pick_device
 from patchline.models.config import PatchCoreConfig
+from patchline.models.images import pick_device
+from patchline.models.scoring.detection import Detections
 
 _FORMAT = "patchline-memory-bank/1"
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from patchline.models.patchcore.backbones import build_backbone
-from patchline.models.images import images_to_tensor, pick_device
 from patchline.models.config import PatchCoreConfig
+from patchline.models.images import images_to_tensor, pick_device
+from patchline.models.patchcore.backbones import build_backbone
 
 
 class PatchFeatureExtractor:
