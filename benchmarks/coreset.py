@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=1024, help="clustered data only; elpv is 152")
     parser.add_argument("--ratio", type=float, default=0.1)
     parser.add_argument("--data", choices=("clustered", "elpv"), default="clustered")
-    parser.add_argument("--partitions", type=int, default=None, help="default: models.coreset.default_partitions")
+    parser.add_argument("--partitions", type=int, default=None, help="default: patchline.models.patchcore.coreset.default_partitions")
     parser.add_argument("--patches", type=int, default=1000, help="rows per stored 'image' (clustered)")
     parser.add_argument("--threads", type=int, default=None, help="Dask worker threads (default: one per core)")
     parser.add_argument("--store", type=Path, default=None, help="store root (default: a temporary folder)")

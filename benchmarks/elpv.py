@@ -2,7 +2,7 @@
 
     nice python benchmarks/elpv.py [--line elpv] [--detectors patchcore,oesdn,ae] [--set FIELD=VALUE ...]
 
-Runs `flows.rebuild.rebuild_product_line` (the flow `patchline rebuild` and the nightly run: ingest,
+Runs `patchline.flows.rebuild.rebuild_product_line` (the flow `patchline rebuild` and the nightly run: ingest,
 Zarr feature store, Dask coreset, AE/SDN training, evaluation, MLflow logging, registry gate) on the
 line's bundled config, under a fresh temporary PATCHLINE_HOME that is deleted afterwards, so the
 user's registry and champions are never touched and every run starts from nothing.

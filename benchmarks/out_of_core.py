@@ -3,11 +3,11 @@
     nice python benchmarks/out_of_core.py --gb 32 [--dim 1536] [--ratio 0.01] [--threads N] [--root DIR]
 
 1. Writes `--gb` GB (10^9 bytes, uncompressed float32) of synthetic patch features through
-   `storage.feature_store.FeatureStore.write_batch`: images of 28 x 28 patches of `--dim` dims (the
+   `patchline.storage.feature_store.FeatureStore.write_batch`: images of 28 x 28 patches of `--dim` dims (the
    shape of wide_resnet50_2 layers 2+3 at 224 px), each patch a centre of one of 4,096 Gaussian
    clusters plus noise, with cluster sizes falling as 1/rank (a few common textures, many rare
    ones, as in real patch features). Blocks are generated on all cores.
-2. Runs `models.coreset.greedy_coreset_dask` straight from the store on the local Dask cluster the
+2. Runs `patchline.models.patchcore.coreset.greedy_coreset_dask` straight from the store on the local Dask cluster the
    nightly uses (projection to the line config's default `projection_dim`, rows routed to partition
    files next to the store, partitioned greedy); `coreset_s` is its wall time.
 3. `radius_ratio_vs_sample`: the coreset's coverage radius ÷ that of a uniform random sample of the

@@ -5,10 +5,10 @@
 
 The work of benchmarks/peer_settings.py (every good train image of the line in the fit, test goods and
 anomalies, image AUROC from the raw image scores) with the PatchCore settings given here: the
-features of train and test images are extracted once (models.patch_features), then for each ratio
-the Dask coreset (models.coreset.greedy_coreset_dask, the nightly's) builds a bank that scores the
-test features (models.patchcore). Features stay in memory: this is for comparing settings, not for
-timing the pipeline. One line per ratio:
+features of train and test images are extracted once (patchline.models.patchcore.patch_features),
+then for each ratio the Dask coreset (patchline.models.patchcore.coreset.greedy_coreset_dask, the
+nightly's) builds a bank that scores the test features (patchline.models.patchcore.memory_bank).
+Features stay in memory: this is for comparing settings, not for timing the pipeline. One line per ratio:
     sweep line=<l> backbone=<b> size=<s> layers=<l> ratio=<r> dim=<d> auroc=<a> extract_s=<s> fit_score_s=<s>
 """
 

@@ -1,4 +1,4 @@
-"""models.metrics against scikit-learn, hand-computed cases, and bad input."""
+"""patchline.models.scoring.metrics against scikit-learn, hand-computed cases, and bad input."""
 
 from __future__ import annotations
 

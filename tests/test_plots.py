@@ -1,4 +1,4 @@
-"""storage.plots: PNG files are written and readable, and galleries pick the right images."""
+"""patchline.storage.plots: PNG files are written and readable, and galleries pick the right images."""
 
 from __future__ import annotations
 
