@@ -12,26 +12,33 @@ from patchline.models.config import LineConfig
 from patchline.tasks.darkness import score_darkness_task
 from patchline.tasks.evaluate import Evaluation, evaluate_task
 from patchline.tasks.ingest import ingest_line
+from patchline.tasks.line_lock import clear_killed_runs_task, rebuild_lock
 from patchline.tasks.oesdn import score_reconstruction_task, train_autoencoder_task, train_sdn_task
 from patchline.tasks.packaging import package_model_task
 from patchline.tasks.patchcore import build_memory_bank_task, extract_features_task, score_patchcore_task, select_coreset_task
 from patchline.tasks.tracking import (
-    GateOutcome, StartedRun, finish_run_task, log_rebuild_task, publish_summary_task, register_and_gate_task,
-    start_run_task)
+    GateOutcome, StartedRun, check_tracking_task, finish_run_task, log_rebuild_task, publish_summary_task,
+    register_and_gate_task, start_run_task)
 
 
 @flow(name="rebuild-product-line", flow_run_name="rebuild-{config.name}")
-def rebuild_product_line(config: LineConfig) -> dict:
-    """Rebuild every detector of one line, evaluate it, log it to MLflow and let the gate decide on it."""
+def rebuild_product_line(config: LineConfig, wait: bool = True) -> dict:
+    """Rebuild every detector of one line, evaluate it, log it to MLflow and let the gate decide on it.
+
+    One rebuild per line at a time: another one still running is waited for, or with `wait=False`
+    this one fails at once naming it."""
     started = time.perf_counter()
-    run = start_run_task(config, flow_run.get_id())
-    try:
-        outcome, evaluation, timings = _rebuild(config, run, started)
-    except BaseException as error:
-        # The run says why it failed; the registry was never touched, so `champion` stays where it was.
-        finish_run_task(run.run_id, f"{type(error).__name__}: {error}")
-        raise
-    finish_run_task(run.run_id)
+    check_tracking_task()
+    with rebuild_lock(config.name, wait, flow_run.get_id()) as killed_flow_run:
+        clear_killed_runs_task(config, killed_flow_run)
+        run = start_run_task(config, flow_run.get_id())
+        try:
+            outcome, evaluation, timings = _rebuild(config, run, started)
+        except BaseException as error:
+            # The run says why it failed; the registry was never touched, so `champion` stays where it was.
+            finish_run_task(run.run_id, f"{type(error).__name__}: {error}")
+            raise
+        finish_run_task(run.run_id)
     publish_summary_task(config, run, evaluation, outcome, timings)
     return {"line": config.name, "run_id": run.run_id, "version": outcome.version,
             "promoted": outcome.decision.promote, "reason": outcome.decision.reason,

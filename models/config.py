@@ -7,9 +7,12 @@ Pure pydantic, so the algorithms in `models/` can take their settings without to
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -185,15 +188,58 @@ class EvaluationConfig(_Strict):
         return self
 
 
+# Every metric the gate can decide on, and which way is better (models/scoring/metrics.py computes them;
+# the pixel metrics only for lines with ground-truth masks).
+GATE_METRICS: dict[str, Literal["higher", "lower"]] = {
+    "image_auroc": "higher", "image_f1_max": "higher", "pixel_auroc": "higher", "aupro_30": "higher",
+    "fpr_at_threshold": "lower", "miss_rate_at_threshold": "lower",
+}
+
+
 class PromotionConfig(_Strict):
     metric: str = "image_auroc"
     # The challenger may be worse than the champion by at most this much and still be promoted.
     tolerance: float = Field(0.005, ge=0)
+    # ... and worse than the best of the line's last `history` champions (scored on the same test set) by
+    # at most `tolerance` too, so a run of slightly worse versions cannot walk the line down.
+    history: int = Field(10, ge=1)
+    # Fewer test images (good + anomalous) than this are too little evidence to replace a champion: the
+    # gate keeps it and says to promote by hand. The first version of a line is promoted regardless.
+    min_test_images: int = Field(30, ge=0)
+    # A detector of both versions whose metric worsens by more than this blocks promotion, even when the
+    # deciding detector is fine: a detector collapsing is a sign of bad training images.
+    max_detector_drop: float = Field(0.1, ge=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _gate_metric(cls, metric: str) -> str:
+        if metric not in GATE_METRICS:
+            raise ValueError(f"promotion metric {metric!r} is not one a rebuild produces; use one of "
+                             f"{', '.join(GATE_METRICS)}")
+        return metric
 
 
 class ScheduleConfig(_Strict):
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, cron: str) -> str:
+        try:
+            CronSim(cron, datetime(2026, 1, 1))
+        except CronSimError as error:
+            raise ValueError(f"cron {cron!r} is not a valid 5-field cron expression: {error}") from None
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, timezone: str) -> str:
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {timezone!r} is not an IANA time zone name (e.g. UTC, Europe/Berlin)") from None
+        return timezone
 
 
 class LineConfig(_Strict):

@@ -202,12 +202,16 @@ def _print_rebuild(result: dict) -> None:
 
 
 @app.command("rebuild")
-def rebuild_command(line: LineArg, detectors: DetectorsOption = None) -> None:
+def rebuild_command(
+    line: LineArg, detectors: DetectorsOption = None,
+    wait: Annotated[bool, typer.Option(help="When a rebuild of this line is running: wait for it to end, "
+                                            "or (--no-wait) stop at once, naming it.")] = True,
+) -> None:
     """Rebuild one product line now: features, coreset, OE-SDN, evaluation, MLflow, gate."""
     from patchline.flows.rebuild import rebuild_product_line
 
     config = _with_detectors(_load(line), detectors)
-    state = rebuild_product_line(config, return_state=True)
+    state = rebuild_product_line(config, wait, return_state=True)
     if not state.is_completed():
         _fail(RuntimeError(f"rebuild of {config.name} failed: {state.message}"))
     _print_rebuild(state.result())

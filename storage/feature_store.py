@@ -7,7 +7,9 @@ entry last, so the `rows` entry is the commit marker: a writer killed at any poi
 uncommitted block, which readers never see and the next writer overwrites. On local directories
 (`file://` URLs included) and object stores every chunk write replaces a whole object (an atomic
 rename, a single PUT), so no torn chunk can be read either; other fsspec filesystems may tear one.
-One writer per store at a time.
+Writers of a local store take turns, batch by batch, under a file lock (`writer.lock`), so two
+processes writing one store never overwrite each other's blocks; on an object store one writer at a
+time is the caller's to keep.
 
 The store is keyed by the backbone config alone, so it keeps growing night after night and only new
 images (by content hash) are extracted; `feature_key` identifies one training set's features in it.
@@ -15,21 +17,29 @@ images (by content hash) are extracted; `feature_key` identifies one training se
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import zarr
 import zarr.codecs
+import zarr.storage
+
+from patchline.storage.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 
 FORMAT = "patchline-features/1"
+# Beside a local store's arrays: the lock its writers take, and how many blocks were committed when the
+# last writer let go, so a writer reloads the index only when another one wrote in between.
+WRITER_LOCK, COMMITTED_BLOCKS = "writer.lock", "committed_blocks"
 # A block (one chunk) of about this size keeps reads efficient and a writer's memory small.
 _BLOCK_BYTES = 32 * 2**20
 _COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
@@ -68,9 +78,7 @@ class FeatureStore:
         self._blocks: list[int] = []
         # `rows` is created last, so without it any other array is a leftover of an interrupted creation.
         self._arrays: tuple[zarr.Array, zarr.Array, zarr.Array] | None = None
-        if "rows" in group:
-            self._arrays = (group["features"], group["ids"], group["rows"])
-            self._load_committed()
+        self._reload()
 
     @classmethod
     def open(cls, root: str | os.PathLike, line: str, config: Mapping[str, Any], *,
@@ -145,17 +153,38 @@ class FeatureStore:
         ids = list(ids)
         features = np.asarray(features)
         self._check_batch(ids, features)
-        new = [i for i, image_id in enumerate(ids) if image_id not in self._positions]
-        if not new:
-            return 0
-        if self._arrays is None:
-            self._create_arrays(features.shape[1:])
-        block_images = self.block_images
-        for start in range(0, len(new), block_images):
-            rows = new[start:start + block_images]
-            self._write_block(len(self._blocks), [ids[i] for i in rows], features[rows])
+        folder = self._local_folder()
+        with exclusive_lock(folder / WRITER_LOCK, f"feature store {self._group.path}") if folder else \
+                contextlib.nullcontext():
+            if folder and _read_int(folder / COMMITTED_BLOCKS) != len(self._blocks):
+                # Another writer committed blocks since this store was opened or last wrote.
+                self._reload()
+            new = [i for i, image_id in enumerate(ids) if image_id not in self._positions]
+            if not new:
+                return 0
+            if self._arrays is None:
+                self._create_arrays(features.shape[1:])
+            block_images = self.block_images
+            for start in range(0, len(new), block_images):
+                rows = new[start:start + block_images]
+                self._write_block(len(self._blocks), [ids[i] for i in rows], features[rows])
+                if folder:
+                    (folder / COMMITTED_BLOCKS).write_text(str(len(self._blocks)))
         log.debug("feature store %s: wrote %d images, %d committed", self._group.path, len(new), len(self))
         return len(new)
+
+    def _local_folder(self) -> Path | None:
+        """The store's folder when it is a local directory; object stores (fsspec URLs) have no file locks,
+        so there one writer per store is the caller's to keep."""
+        store = self._group.store
+        return Path(store.root) / self._group.path if isinstance(store, zarr.storage.LocalStore) else None
+
+    def _reload(self) -> None:
+        self._positions, self._order, self._blocks = {}, [], []
+        self._arrays = None
+        if "rows" in self._group:
+            self._arrays = (self._group["features"], self._group["ids"], self._group["rows"])
+            self._load_committed()
 
     def read(self, ids: Sequence[str]) -> np.ndarray:
         """Features (n, patches, dim) float32 of the given ids, in the given order."""
@@ -269,6 +298,13 @@ class FeatureStore:
                 position = block * block_images + offset
                 self._positions[str(names[position])] = position
                 self._order.append(str(names[position]))
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _contiguous_runs(positions: list[int], block_images: int) -> list[tuple[int, int]]:

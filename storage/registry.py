@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from patchline.models.config import PromotionConfig
+from patchline.models.config import GATE_METRICS, PromotionConfig
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -29,15 +29,54 @@ class GateDecision:
     reason: str
 
 
-def decide_promotion(challenger: float, champion: float | None, rule: PromotionConfig) -> GateDecision:
-    """Promote when there is no champion yet, or the challenger is not worse by more than the tolerance."""
-    if champion is None:
-        return GateDecision(True, f"first version for this line ({rule.metric} = {challenger:.4f})")
-    if challenger != challenger:  # NaN: the metric could not be computed
-        return GateDecision(False, f"challenger {rule.metric} is NaN")
-    delta = challenger - champion
-    verdict = f"challenger {rule.metric} {challenger:.4f} vs champion {champion:.4f} (Δ {delta:+.4f}, tolerance {rule.tolerance})"
-    return GateDecision(delta >= -rule.tolerance, verdict)
+@dataclass(frozen=True)
+class GateEvidence:
+    """What the gate decides on: the promotion metric, every value measured on the challenger's test set."""
+
+    detector: str                      # the challenger's deciding detector
+    challenger: dict[str, float]       # its metric per detector, `detector` included
+    test_images: int                   # good + anomalous test images behind those values
+    champion: str | None = None        # the champion version read (None: the line has none yet)
+    champion_value: float | None = None             # the champion's deciding detector's metric
+    champion_detectors: dict[str, float] = field(default_factory=dict)  # per detector, where logged
+    best_recent: tuple[str, float] | None = None    # (version, metric) of the best recent champion
+
+
+def decide_promotion(evidence: GateEvidence, rule: PromotionConfig) -> GateDecision:
+    """Promote the first version; later ones only when no rule objects. The reason names the deciding rule."""
+    value = evidence.challenger[evidence.detector]
+    better = 1.0 if GATE_METRICS[rule.metric] == "higher" else -1.0
+    name = f"{rule.metric} ({GATE_METRICS[rule.metric]} is better)"
+    if evidence.champion is None:
+        small = f"; only {evidence.test_images} test images" if evidence.test_images < rule.min_test_images else ""
+        return GateDecision(True, f"first version for this line ({rule.metric} = {value:.4f}{small})")
+    if value != value:  # NaN: the metric could not be computed
+        return GateDecision(False, f"rule nan: challenger {rule.metric} is NaN")
+    if evidence.test_images < rule.min_test_images:
+        return GateDecision(False, f"rule min_test_images: only {evidence.test_images} test images (fewer than "
+                                   f"{rule.min_test_images}) are too little evidence to replace v{evidence.champion}; "
+                                   f"promote it by hand (`patchline promote`) if it is good")
+    checks = [("champion", f"champion v{evidence.champion}", evidence.champion_value)]
+    if evidence.detector in evidence.champion_detectors:
+        checks.append(("same_detector", f"champion v{evidence.champion}'s {evidence.detector}",
+                       evidence.champion_detectors[evidence.detector]))
+    if evidence.best_recent is not None:
+        checks.append(("history", f"best recent champion v{evidence.best_recent[0]}", evidence.best_recent[1]))
+    compared = []
+    for rule_name, against, reference in checks:
+        delta = better * (value - reference)
+        verdict = (f"challenger {evidence.detector} {name} {value:.4f} vs {against} {reference:.4f} "
+                   f"(Δ {value - reference:+.4f}")
+        if delta < -rule.tolerance:
+            return GateDecision(False, f"rule {rule_name}: {verdict}, tolerance {rule.tolerance})")
+        compared.append(f"{verdict})")
+    for detector, reference in sorted(evidence.champion_detectors.items()):
+        now = evidence.challenger.get(detector)
+        if now is not None and better * (now - reference) < -rule.max_detector_drop:
+            return GateDecision(False, f"rule max_detector_drop: {detector} {rule.metric} went from {reference:.4f} "
+                                       f"to {now:.4f} (worse by more than {rule.max_detector_drop}); "
+                                       "check the training images")
+    return GateDecision(True, "; ".join(compared) + f"; tolerance {rule.tolerance}")
 
 
 def champion_version(client: MlflowClient, line: str) -> ModelVersion | None:
@@ -62,14 +101,28 @@ def register_version(client: MlflowClient, line: str, model_uri: str, run_id: st
     return version
 
 
-def apply_gate(client: MlflowClient, line: str, version: ModelVersion, decision: GateDecision) -> None:
-    """Record the decision on the version and its run, and move `champion` only when it says promote."""
+def apply_gate(client: MlflowClient, line: str, version: ModelVersion, decision: GateDecision,
+               read_champion: str | None) -> bool:
+    """Record the decision on the version and its run, and move `champion` only when it says promote.
+
+    Compare-and-set: when `champion` no longer points at `read_champion` (the version the decision was
+    made against), nothing is written and False comes back, so the caller decides again."""
+    current = champion_version(client, line)
+    if (str(current.version) if current else None) != read_champion:
+        return False
     for key, value in ((DECISION_TAG, "promoted" if decision.promote else "rejected"), (REASON_TAG, decision.reason)):
         client.set_model_version_tag(version.name, version.version, key, value)
         if version.run_id:
             client.set_tag(version.run_id, key, value)
     if decision.promote:
         _make_champion(client, line, version.version)
+    return True
+
+
+def recent_champions(client: MlflowClient, line: str, count: int) -> list[ModelVersion]:
+    """The line's last `count` champions, oldest first (the history `rollback` walks)."""
+    name = registered_model_name(line)
+    return [client.get_model_version(name, version) for version in _champion_history(client, line)[-count:]]
 
 
 def promote(client: MlflowClient, line: str, version: str, reason: str) -> ModelVersion:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,6 +21,29 @@ def tracking_uri() -> str:
     folder = patchline_home() / "mlflow"
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+class TrackingUnreachableError(RuntimeError):
+    """The MLflow tracking server does not answer; the message names its URL."""
+
+
+def ensure_tracking_reachable(timeout_s: float = 10.0) -> str:
+    """The tracking URI, once a server behind it answers its health check (a local store always does).
+
+    MLflow's own client retries a dead server for minutes; a rebuild should fail before it does any work.
+    """
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            if response.status == 200:
+                return uri
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as error:
+        problem = str(getattr(error, "reason", error))
+    raise TrackingUnreachableError(f"MLflow tracking server {uri} does not answer its health check ({problem}); "
+                                   "start it or fix MLFLOW_TRACKING_URI")
 
 
 def artifact_root() -> Path:
@@ -65,3 +90,21 @@ def config_params(config: LineConfig) -> dict[str, str]:
 
     walk("", config.model_dump(mode="json"))
     return flat
+
+
+KILLED_TAG = "patchline.killed"
+
+
+def mark_stale_runs_killed(client: MlflowClient, line: str) -> list[str]:
+    """Mark the line's runs still RUNNING as KILLED, with a tag saying why; returns their ids.
+
+    Only for a caller that holds the line's rebuild lock: then no live rebuild owns those runs.
+    """
+    experiment = client.get_experiment_by_name(experiment_name(line))
+    if experiment is None:
+        return []
+    stale = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    for run in stale:
+        client.set_tag(run.info.run_id, KILLED_TAG, "left RUNNING by a rebuild that was killed; found by the next one")
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [run.info.run_id for run in stale]

@@ -3,15 +3,18 @@ memory bank, and score images against it."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import psutil
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from patchline.models.config import LineConfig
-from patchline.models.patchcore.coreset import Coreset, coreset_size, greedy_coreset_dask
+from patchline.models.patchcore.coreset import SCRATCH_PREFIX, Coreset, coreset_size, greedy_coreset_dask
 from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
 from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.scoring.detection import Detections, gather_detections
@@ -61,6 +64,18 @@ def feature_key(config: LineConfig) -> dict:
             "target_dim": patchcore.target_dim, "image_size": config.image_size}
 
 
+def remove_orphaned_scratch(folder: Path) -> list[Path]:
+    """Delete the coreset scratch folders under `folder` whose process is gone (killed mid-coreset)."""
+    removed = []
+    for path in folder.glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            get_run_logger().warning("removed %s: coreset scratch of process %s, which is gone", path, pid)
+    return removed
+
+
 def feature_root() -> str:
     return str(patchline_home() / "features")
 
@@ -98,6 +113,8 @@ def select_coreset_task(config: LineConfig, features: StoredFeatures, fit_rows: 
         size = coreset_size(patches.shape[0], config.patchcore.coreset_ratio)
         # Scratch files next to the store: a remote cluster's workers can read the store, so they share it.
         scratch = None if "://" in features.root else features.root
+        if scratch:
+            remove_orphaned_scratch(Path(scratch))
         with dask_client(config.dask_address):
             coreset = greedy_coreset_dask(patches, size, projection_dim=config.patchcore.projection_dim,
                                           scratch=scratch)

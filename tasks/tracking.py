@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from patchline.models.config import LineConfig
+from patchline.models.config import GATE_METRICS, LineConfig
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.line_config import save_line
 from patchline.storage.manifest import Manifest
@@ -22,8 +23,9 @@ from patchline.storage.paths import patchline_home
 from patchline.storage.pixels import read_pixels
 from patchline.storage.pyfunc_model import log_line_model
 from patchline.storage.registry import (
-    CHAMPION, GateDecision, apply_gate, champion_version, decide_promotion, register_version, registered_model_name)
-from patchline.storage.tracking import config_params, configure_mlflow, line_experiment_id
+    GateDecision, GateEvidence, apply_gate, champion_version, decide_promotion, recent_champions, register_version,
+    registered_model_name)
+from patchline.storage.tracking import config_params, configure_mlflow, ensure_tracking_reachable, line_experiment_id
 from patchline.tasks.evaluate import Evaluation
 from patchline.tasks.ingest import LineData
 
@@ -50,6 +52,13 @@ class GateOutcome:
 def test_fingerprint(data: LineData) -> str:
     """Identity of the test set, so the gate only compares metrics measured on the same images."""
     return Manifest(data.manifest.line, data.test).fingerprint()
+
+
+# No retries: a server that is down now is down in ten seconds too, and MLflow's client already waits.
+@task(name="check-mlflow", cache_policy=NO_CACHE)
+def check_tracking_task() -> str:
+    """Fail at once, naming the URL, when the MLflow tracking server does not answer."""
+    return ensure_tracking_reachable()
 
 
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -109,29 +118,64 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
 @task(name="register-and-gate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_and_gate_task(config: LineConfig, run_id: str, model_uri: str, data: LineData,
                            evaluation: Evaluation) -> GateOutcome:
-    """Register the version as `challenger`; move `champion` to it only if the gate says so."""
+    """Decide on the challenger, register it as `challenger`, and move `champion` only if the gate says so.
+
+    Everything the decision needs is read before the registry is touched, and `champion` moves only if
+    it still points where the decision read it (else the gate decides again)."""
     client = configure_mlflow()
-    current = champion_version(client, config.name)
-    version = register_version(client, config.name, model_uri, run_id)
     metric = config.promotion.metric
-    challenger_value = evaluation.decision_metrics[metric]
-    champion_value = None if current is None else _champion_metric(client, current, data, metric)
-    decision = decide_promotion(challenger_value, champion_value, config.promotion)
-    apply_gate(client, config.name, version, decision)
+    detector = evaluation.calibration.decision_detector
+    challenger = {name: values[metric] for name, values in evaluation.metrics.items() if metric in values}
+    if detector not in challenger:
+        raise ValueError(f"line {config.name}: promotion metric {metric!r} was not measured for the deciding "
+                         f"detector {detector} (pixel metrics need ground-truth masks); the registry is untouched")
+    test_images = sum(1 for row in data.test if row.label != "ambiguous")
+    version = None
+    for _ in range(3):
+        current = champion_version(client, config.name)
+        evidence = GateEvidence(detector, challenger, test_images)
+        if current is not None:
+            evidence = _champion_evidence(client, config, current, data, evidence)
+        decision = decide_promotion(evidence, config.promotion)
+        version = version or register_version(client, config.name, model_uri, run_id)
+        if apply_gate(client, config.name, version, decision, evidence.champion):
+            break
+        get_run_logger().warning("champion of %s moved while the gate decided; deciding again", config.name)
+    else:
+        raise RuntimeError(f"line {config.name}: champion kept moving while the gate decided; v{version.version} "
+                           "stays challenger only")
     get_run_logger().info("gate for %s v%s: %s (%s)", config.name, version.version,
                           "promoted" if decision.promote else "kept champion", decision.reason)
-    return GateOutcome(str(version.version), decision, str(current.version) if current else None)
+    return GateOutcome(str(version.version), decision, evidence.champion)
 
 
-def _champion_metric(client, champion, data: LineData, metric: str) -> float:
-    """The champion's metric on this rebuild's test set: logged if it saw the same set, else re-scored."""
+def _champion_evidence(client, config: LineConfig, champion, data: LineData, evidence: GateEvidence) -> GateEvidence:
+    """The champion's metrics on this rebuild's test set (logged if it saw the same set, else re-scored),
+    and the best of the line's recent champions that saw it."""
+    metric, fingerprint = config.promotion.metric, test_fingerprint(data)
     run = client.get_run(champion.run_id)
-    if run.data.tags.get(TEST_FINGERPRINT_TAG) == test_fingerprint(data) and metric in run.data.metrics:
-        return run.data.metrics[metric]
-    if metric != "image_auroc":
+    detectors: dict[str, float] = {}
+    if run.data.tags.get(TEST_FINGERPRINT_TAG) == fingerprint and metric in run.data.metrics:
+        value = run.data.metrics[metric]
+        detectors = {name: run.data.metrics[f"{name}_{metric}"] for name in evidence.challenger
+                     if f"{name}_{metric}" in run.data.metrics}
+    elif metric == "image_auroc":
+        value = _rescored_auroc(champion, data)
+    else:
         raise ValueError(f"the champion was evaluated on another test set and only image_auroc can be "
                          f"re-scored here, not {metric!r}")
-    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(data.manifest.line)}@{CHAMPION}")
+    better = max if GATE_METRICS[metric] == "higher" else min
+    recent = [(str(v.version), client.get_run(v.run_id)) for v in recent_champions(client, config.name,
+                                                                                    config.promotion.history)]
+    seen = [(version, past.data.metrics[metric]) for version, past in recent
+            if past.data.tags.get(TEST_FINGERPRINT_TAG) == fingerprint and metric in past.data.metrics]
+    best = better(seen, key=lambda item: item[1]) if seen else None
+    return dataclasses.replace(evidence, champion=str(champion.version), champion_value=value,
+                               champion_detectors=detectors, best_recent=best)
+
+
+def _rescored_auroc(champion, data: LineData) -> float:
+    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
     known = [row for row in data.test if row.label != "ambiguous"]
     scores = np.concatenate([model.predict([read_pixels(r.source) for r in known[i:i + 32]])["score"]
                              for i in range(0, len(known), 32)])

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,39 @@ def test_a_writer_killed_mid_run_leaves_only_whole_blocks_and_a_second_writer_fi
     final = FeatureStore.open(tmp_path, "line-k", CONFIG, read_only=True)
     assert final.ids == ids
     np.testing.assert_array_equal(final.as_dask_array().compute(), batch(ids, 64, 96))
+
+
+CONCURRENT_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_feature_store import CONFIG, batch
+    from patchline.storage.feature_store import FeatureStore
+    store = FeatureStore.open({root!r}, "line-c", CONFIG, block_images=4)
+    while not Path({go!r}).exists():
+        time.sleep(0.01)
+    ids = [f"c{{i:04d}}" for i in range(160)][::{step}]
+    for start in range(0, len(ids), 4):
+        store.write_batch(ids[start:start + 4], batch(ids[start:start + 4], 16, 8))
+""")
+
+
+def test_two_writers_at_once_on_a_new_store_commit_every_image_once(tmp_path: Path) -> None:
+    """Both open the store before it has arrays, then write the same images in opposite orders."""
+    go = tmp_path / "go"
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER.format(
+        tests=str(Path(__file__).parent), root=str(tmp_path / "store"), go=str(go), step=step)], cwd=REPO_ROOT,
+        stderr=subprocess.PIPE, text=True) for step in (1, -1)]
+    time.sleep(3)
+    go.touch()
+    for writer in writers:
+        _, errors = writer.communicate(timeout=300)
+        assert writer.returncode == 0, errors[-3000:]
+    store = FeatureStore.open(tmp_path / "store", "line-c", CONFIG, read_only=True)
+    ids = [f"c{i:04d}" for i in range(160)]
+    assert sorted(store.ids) == ids, "every image committed exactly once"
+    assert "" not in store.ids
+    np.testing.assert_array_equal(store.read(ids), batch(ids, 16, 8))
 
 
 def test_bad_input_is_refused_with_the_reason(tmp_path: Path) -> None:

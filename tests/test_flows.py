@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +20,8 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
-from patchline.models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig
+from patchline.models.config import (
+    ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig)
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.ingest import build_manifest
 from patchline.storage.line_config import save_line
@@ -49,7 +51,9 @@ def tiny_config(**changes) -> LineConfig:
         patchcore=PatchCoreConfig(coreset_ratio=0.1, normalise_brightness=True),
         oesdn=OeSdnConfig(image_size=32, epochs=3, sdn_epochs=3, batch_size=8, ae_base_width=8, sdn_base_width=16),
         evaluation=EvaluationConfig(calibration_fraction=0.3, detectors=("patchcore", "oesdn", "ae", "darkness"),
-                                    fusion_weights={"patchcore": 1.0, "darkness": 0.5}))
+                                    fusion_weights={"patchcore": 1.0, "darkness": 0.5}),
+        # 24 known test cells: enough for these tests to exercise the gate's comparisons.
+        promotion=PromotionConfig(min_test_images=20))
     return config.model_copy(update=changes)
 
 
@@ -146,6 +150,20 @@ def test_a_worse_model_leaves_the_champion(first_rebuild):
     assert not result["promoted"] and "vs champion" in result["reason"]
     assert champion_version(client, LINE).version == 1
     assert client.get_model_version(registered_model_name(LINE), result["version"]).tags[DECISION_TAG] == "rejected"
+
+
+def test_an_unreachable_tracking_server_fails_the_rebuild_at_once(home, monkeypatch):
+    from patchline.flows.rebuild import rebuild_product_line
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    started = time.monotonic()
+    state = rebuild_product_line(tiny_config(name="unreachable"), return_state=True)
+    assert state.is_failed() and f"MLflow tracking server {url} does not answer" in state.message
+    assert time.monotonic() - started < 60
+    assert not (home / "features" / "unreachable").exists(), "nothing was extracted"
 
 
 def broken_line(tmp_path: Path) -> Path:

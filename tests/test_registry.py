@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlflow
 import pytest
 
 from patchline.models.config import PromotionConfig
 from patchline.storage.registry import (
-    CHALLENGER, CHAMPION, DECISION_TAG, REASON_TAG, apply_gate, champion_version, decide_promotion,
-    promote, register_version, registered_model_name, rollback)
+    CHALLENGER, CHAMPION, DECISION_TAG, REASON_TAG, GateEvidence, apply_gate, champion_version, decide_promotion,
+    promote, recent_champions, register_version, registered_model_name, rollback)
 from patchline.storage.tracking import configure_mlflow, line_experiment_id
 
-RULE = PromotionConfig(metric="image_auroc", tolerance=0.01)
+RULE = PromotionConfig(metric="image_auroc", tolerance=0.01, min_test_images=30)
+FINGERPRINT = "patchline.test_fingerprint"
 
 
 @pytest.fixture
@@ -21,26 +24,80 @@ def client(tmp_path, monkeypatch):
     return configure_mlflow()
 
 
-def rebuild(client, auroc: float):
-    """One finished rebuild: a run with its metric and an artifact, registered and gated."""
+def evidence(value: float, champion_value: float | None = None, **changes) -> GateEvidence:
+    """The deciding detector (PatchCore) at `value` against a champion v1 at `champion_value` (None: none)."""
+    base = GateEvidence("patchcore", {"patchcore": value}, test_images=100,
+                        champion=None if champion_value is None else "1", champion_value=champion_value)
+    return dataclasses.replace(base, **changes)
+
+
+def rebuild(client, auroc: float, rule: PromotionConfig = RULE):
+    """One finished rebuild: a run with its metric and an artifact, registered and gated as the task does."""
     experiment = line_experiment_id(client, "widget")
     with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_metric("image_auroc", auroc)
+        mlflow.log_metrics({"image_auroc": auroc, "patchcore_image_auroc": auroc})
+        mlflow.set_tag(FINGERPRINT, "same test set")
         mlflow.log_text(f"auroc {auroc}", "model/summary.txt")
-    version = register_version(client, "widget", f"{run.info.artifact_uri}/model", run.info.run_id)
     current = champion_version(client, "widget")
-    current_metric = client.get_run(current.run_id).data.metrics["image_auroc"] if current else None
-    decision = decide_promotion(auroc, current_metric, RULE)
-    apply_gate(client, "widget", version, decision)
+    gathered = evidence(auroc)
+    if current is not None:
+        recent = [(str(v.version), client.get_run(v.run_id).data.metrics["image_auroc"])
+                  for v in recent_champions(client, "widget", rule.history)]
+        gathered = evidence(auroc, client.get_run(current.run_id).data.metrics["image_auroc"],
+                            champion=str(current.version), best_recent=max(recent, key=lambda item: item[1]))
+    decision = decide_promotion(gathered, rule)
+    version = register_version(client, "widget", f"{run.info.artifact_uri}/model", run.info.run_id)
+    assert apply_gate(client, "widget", version, decision, gathered.champion)
     return version, run.info.run_id
 
 
-def test_decide_promotion_rule():
-    assert decide_promotion(0.80, None, RULE).promote
-    assert decide_promotion(0.80, 0.805, RULE).promote  # within tolerance
-    assert not decide_promotion(0.80, 0.82, RULE).promote
-    assert not decide_promotion(float("nan"), 0.5, RULE).promote
-    assert "vs champion 0.8200" in decide_promotion(0.80, 0.82, RULE).reason
+def test_decide_promotion_rules():
+    assert decide_promotion(evidence(0.80), RULE).promote
+    assert decide_promotion(evidence(0.80, 0.805), RULE).promote  # within tolerance
+    worse = decide_promotion(evidence(0.80, 0.82), RULE)
+    assert not worse.promote and worse.reason.startswith("rule champion:") and "vs champion v1 0.8200" in worse.reason
+    assert not decide_promotion(evidence(float("nan"), 0.5), RULE).promote
+    few = decide_promotion(evidence(0.99, 0.80, test_images=20), RULE)
+    assert not few.promote and few.reason.startswith("rule min_test_images:") and "patchline promote" in few.reason
+    assert decide_promotion(evidence(0.99, test_images=20), RULE).promote  # a first version has no rival
+    # The deciding detector against the champion's same detector, not only against what it deployed.
+    switched = evidence(0.90, 0.85, detector="oesdn", challenger={"oesdn": 0.90, "patchcore": 0.95},
+                        champion_detectors={"oesdn": 0.97, "patchcore": 0.96})
+    assert decide_promotion(switched, RULE).reason.startswith("rule same_detector:")
+    # A collapsing detector blocks promotion although the deciding one improved (poisoned training images).
+    poisoned = evidence(0.95, 0.90, detector="oesdn", challenger={"oesdn": 0.95, "patchcore": 0.30},
+                        champion_detectors={"oesdn": 0.90, "patchcore": 1.00})
+    blocked = decide_promotion(poisoned, RULE)
+    assert not blocked.promote and blocked.reason.startswith("rule max_detector_drop: patchcore")
+    history = decide_promotion(evidence(0.93, 0.94, best_recent=("3", 0.95)), RULE)
+    assert not history.promote and history.reason.startswith("rule history:")
+
+
+def test_lower_is_better_metrics_are_gated_the_right_way():
+    rule = PromotionConfig(metric="fpr_at_threshold", tolerance=0.01)
+    assert decide_promotion(evidence(0.02, 0.10), rule).promote
+    assert not decide_promotion(evidence(0.10, 0.02), rule).promote
+
+
+def test_a_run_of_slightly_worse_challengers_cannot_walk_the_line_down(client):
+    versions = [rebuild(client, 0.950 - step * 0.0049)[0] for step in range(10)]
+    champion = champion_version(client, "widget")
+    # Each is within tolerance of the one before, but only those within it of the best (0.950) get in.
+    assert 0.950 - client.get_run(champion.run_id).data.metrics["image_auroc"] <= RULE.tolerance
+    assert champion.version == versions[2].version
+    rejected = client.get_model_version(registered_model_name("widget"), versions[3].version).tags
+    assert rejected[DECISION_TAG] == "rejected" and rejected[REASON_TAG].startswith("rule history:")
+
+
+def test_the_gate_does_not_move_a_champion_that_moved_since_it_read_it(client):
+    v1, _ = rebuild(client, 0.90)
+    v2, _ = rebuild(client, 0.80)  # rejected
+    decision = decide_promotion(evidence(0.95, 0.90, champion=str(v1.version)), RULE)
+    promote(client, "widget", v2.version, "operator")  # meanwhile, by hand
+    v3 = register_version(client, "widget", "runs:/x/model", client.get_model_version(
+        registered_model_name("widget"), v2.version).run_id)
+    assert not apply_gate(client, "widget", v3, decision, str(v1.version))
+    assert champion_version(client, "widget").version == v2.version
 
 
 def test_first_version_becomes_champion_and_a_worse_one_does_not(client):
@@ -51,7 +108,7 @@ def test_first_version_becomes_champion_and_a_worse_one_does_not(client):
     assert champion_version(client, "widget").version == first.version
     assert client.get_model_version_by_alias(name, CHALLENGER).version == worse.version
     tags = client.get_model_version(name, worse.version).tags
-    assert tags[DECISION_TAG] == "rejected" and "0.7000 vs champion 0.9000" in tags[REASON_TAG]
+    assert tags[DECISION_TAG] == "rejected" and "0.7000 vs champion v1 0.9000" in tags[REASON_TAG]
     assert client.get_run(worse_run).data.tags[DECISION_TAG] == "rejected"
     assert client.get_run(first_run).data.tags[DECISION_TAG] == "promoted"
     better, _ = rebuild(client, 0.95)

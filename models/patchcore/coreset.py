@@ -89,6 +89,9 @@ def greedy_coreset(features: np.ndarray | torch.Tensor, size: int, *, projection
     return Coreset(indices=picks.cpu().numpy().astype(np.int64), radius=math.sqrt(float(nearest_sq.max())))
 
 
+SCRATCH_PREFIX = "coreset-"
+
+
 def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = DEFAULT_PROJECTION_DIM,
                         seed: int = 0, partitions: int | None = None, oversample: float = 1.25,
                         scratch: str | os.PathLike | None = None) -> Coreset:
@@ -123,7 +126,9 @@ def greedy_coreset_dask(features: da.Array, size: int, *, projection_dim: int = 
     if partitions is not None and partitions < 1:
         raise ValueError(f"partitions must be >= 1, got {partitions}")
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="coreset-", dir=scratch, ignore_cleanup_errors=True) as folder:
+    # The pid in the name lets a later run remove the folder of one that was killed (tasks/patchcore.py).
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch,
+                                     ignore_cleanup_errors=True) as folder:
         parts, part_rows = _partitions(features.rechunk({1: -1}), min(partitions or default_partitions(n), size, n),
                                        jl_matrix(dim, projection_dim, seed), seed, folder)
         log.info("dask coreset: %d rows routed to %d partitions of %d..%d rows in %.1f s",

@@ -1,0 +1,111 @@
+"""Faults leave no bad state: real `patchline rebuild` processes of one line, one of them killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.logging import disable_run_logger
+
+from patchline.storage.feature_store import FeatureStore
+from patchline.tasks.patchcore import feature_key, remove_orphaned_scratch
+
+PATCHLINE = str(Path(sys.executable).with_name("patchline"))
+
+
+def line_config(folder: Path, root: Path, epochs: int) -> Path:
+    path = folder / f"widget-{epochs}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "widget", "source": {"kind": "mvtec", "root": str(root)}, "image_size": 64,
+        "patchcore": {"coreset_ratio": 0.2},
+        # Many epochs and no early stop keep the first rebuild training until it is killed.
+        "oesdn": {"image_size": 32, "epochs": epochs, "sdn_epochs": 2, "patience": epochs, "batch_size": 2,
+                  "ae_base_width": 8, "sdn_base_width": 8, "smoothing_sigma": 1.0, "max_train_seconds": 300},
+        "evaluation": {"calibration_fraction": 0.25, "detectors": ["patchcore", "ae"]}}))
+    return path
+
+
+def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 300) -> list[str]:
+    seen, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if text in line:
+            return seen
+    raise AssertionError(f"no {text!r} from the rebuild; it printed:\n{''.join(seen)[-3000:]}")
+
+
+def test_one_rebuild_per_line_and_a_killed_one_is_cleaned_up_by_the_next(mvtec_root, tmp_path):
+    env = {**os.environ, "PATCHLINE_HOME": str(tmp_path / "home")}
+    for key in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(key, None)
+    slow, quick = line_config(tmp_path, mvtec_root, 10_000), line_config(tmp_path, mvtec_root, 2)
+    first = subprocess.Popen([PATCHLINE, "rebuild", str(slow)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    children: list[psutil.Process] = []
+    try:
+        wait_for_line(first, "features:")  # extracted and stored; now training
+        second = subprocess.run([PATCHLINE, "rebuild", str(quick), "--no-wait"], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode != 0
+        assert "rebuild of widget: already running" in second.stderr and f"pid {first.pid}" in second.stderr
+        children = psutil.Process(first.pid).children(recursive=True)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+        for child in children:  # the temporary Prefect API the killed CLI started (see the issue note)
+            child.kill()
+
+    third = subprocess.run([PATCHLINE, "rebuild", str(quick)], env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "was left RUNNING by a killed rebuild: marked KILLED" in third.stderr
+    assert "was left RUNNING by a killed rebuild: marked CRASHED" in third.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("patchline-widget").experiment_id])
+    assert sorted(run.info.status for run in runs) == ["FINISHED", "KILLED"]
+    killed = next(run for run in runs if run.info.status == "KILLED")
+    assert "killed" in killed.data.tags["patchline.killed"]
+
+    from patchline.storage.line_config import load_line
+
+    store = FeatureStore.open(tmp_path / "home" / "features", "widget", feature_key(load_line(quick)), read_only=True)
+    assert len(store) == 8 and "" not in store.ids  # every image of the folder, once
+    assert store.read(store.ids).any(axis=(1, 2)).all(), "every committed image has its features"
+
+
+def test_coreset_scratch_of_a_dead_process_is_removed_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan, live = tmp_path / f"coreset-{dead.pid}-abc", tmp_path / f"coreset-{os.getpid()}-def"
+    for folder in (orphan, live):
+        (folder / "part-0").mkdir(parents=True)
+    with disable_run_logger():
+        assert remove_orphaned_scratch(tmp_path) == [orphan]
+    assert not orphan.exists() and live.is_dir()
+
+
+@pytest.mark.parametrize(("section", "setting", "message"), [
+    ("promotion", {"metric": "image_aucroc"}, "promotion metric 'image_aucroc' is not one a rebuild produces"),
+    ("schedule", {"cron": "0 25 * * *"}, "cron '0 25 * * *' is not a valid 5-field cron expression"),
+    ("schedule", {"timezone": "Europe/Atlantis"}, "timezone 'Europe/Atlantis' is not an IANA time zone name"),
+])
+def test_config_mistakes_are_found_before_any_work(tmp_path, mvtec_root, section, setting, message):
+    from patchline.storage.line_config import LineConfigError, load_line
+
+    path = tmp_path / "widget.yaml"
+    path.write_text(yaml.safe_dump({"name": "widget", "source": {"kind": "mvtec", "root": str(mvtec_root)},
+                                    section: setting}))
+    with pytest.raises(LineConfigError, match="widget.yaml: invalid line config") as error:
+        load_line(path)
+    assert message in str(error.value)
