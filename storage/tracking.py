@@ -11,6 +11,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from patchline.models.config import LineConfig
+from patchline.storage.locks import exclusive_lock
 from patchline.storage.paths import patchline_home
 
 
@@ -19,8 +20,27 @@ def tracking_uri() -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     folder = patchline_home() / "mlflow"
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    database = folder / "mlflow.db"
+    if not database.is_file():
+        _create_database(database)
+    return f"sqlite:///{database}"
+
+
+def _create_database(database: Path) -> None:
+    """Create the SQLite store whole or not at all, one process at a time.
+
+    MLflow creates its tables on first use, in many steps: two first runs at once both fail on each
+    other's tables, and one that dies half-way (a full disk) leaves a file every later run fails on.
+    So the tables are made in a scratch file under a lock, and the file takes its name only when done.
+    """
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(database.with_suffix(".lock"), "creating the MLflow database"):
+        if database.is_file():  # another process made it while this one waited
+            return
+        scratch = database.with_suffix(".creating")
+        scratch.unlink(missing_ok=True)
+        MlflowClient(f"sqlite:///{scratch}").search_experiments(max_results=1)
+        os.replace(scratch, database)
 
 
 class TrackingUnreachableError(RuntimeError):

@@ -109,3 +109,46 @@ def test_config_mistakes_are_found_before_any_work(tmp_path, mvtec_root, section
     with pytest.raises(LineConfigError, match="widget.yaml: invalid line config") as error:
         load_line(path)
     assert message in str(error.value)
+
+
+FULL_DISK = """
+import resource, signal
+# A file-size limit is a full disk for this process alone: writes past it fail with EFBIG.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+# 640 KB: past the first migrations, short of the whole schema (about 0.9 MB with MLflow 3.17).
+resource.setrlimit(resource.RLIMIT_FSIZE, (640 * 1024, 640 * 1024))
+from patchline.storage.tracking import configure_mlflow
+configure_mlflow().search_experiments()
+"""
+
+
+def test_a_full_disk_while_the_mlflow_database_is_created_does_not_brick_the_home(tmp_path):
+    env = {**os.environ, "PATCHLINE_HOME": str(tmp_path / "home"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    full = subprocess.run([sys.executable, "-c", FULL_DISK], env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode != 0 and "disk I/O error" in full.stderr, full.stderr[-2000:]
+    after = subprocess.run([sys.executable, "-c", "from patchline.storage.tracking import configure_mlflow, "
+                            "line_experiment_id; print(line_experiment_id(configure_mlflow(), 'widget'))"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert after.stdout.strip().isdigit()
+
+
+def test_two_first_runs_at_once_both_get_the_mlflow_database(tmp_path):
+    env = {**os.environ, "PATCHLINE_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    go = tmp_path / "go"
+    code = ("import time, pathlib\n"
+            f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+            "from patchline.storage.tracking import configure_mlflow, line_experiment_id\n"
+            "import sys; print(line_experiment_id(configure_mlflow(), sys.argv[1]))\n")
+    # Everything imported before the start, so both reach the database within milliseconds.
+    starters = [subprocess.Popen([sys.executable, "-c", "import mlflow, patchline.storage.tracking\n" + code, line],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for line in ("line-a", "line-b")]
+    time.sleep(8)
+    go.touch()
+    for starter in starters:
+        out, errors = starter.communicate(timeout=300)
+        assert starter.returncode == 0, errors[-2000:]
+        assert out.strip().isdigit()
