@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 _BIN = Path(sys.executable).parent
 _LOG_TAIL_LINES = 20
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ServiceError(RuntimeError):
@@ -69,7 +71,14 @@ def _log_tail(path: Path) -> str:
     return "\n".join("    " + line for line in lines)
 
 
-def _launch(name: str, argv: list[str], env: dict[str, str], port: int, health_path: str) -> Service:
+def _stop_with_parent() -> None:
+    # Runs in the child before exec: the kernel sends it SIGTERM when the process that started it dies,
+    # even by SIGKILL, when no cleanup code of the parent can run.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _launch(name: str, argv: list[str], env: dict[str, str], port: int, health_path: str,
+            stop_with_parent: bool = False) -> Service:
     logs = patchline_home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{name.lower().replace(' ', '-')}.log"
@@ -79,18 +88,43 @@ def _launch(name: str, argv: list[str], env: dict[str, str], port: int, health_p
         # cwd is the data directory so stray defaults (./mlruns, ./mlartifacts) land there.
         process = subprocess.Popen(argv, env={**os.environ, **env}, cwd=patchline_home(),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_stop_with_parent if stop_with_parent else None)
     url = f"http://{HOST}:{port}"
     logger.info("started %s (pid %d), log: %s", name, process.pid, log_path)
     return Service(name, url, url + health_path, process, log_path)
 
 
-def start_prefect_server(port: int) -> Service:
-    """`prefect server start` with its database under `PATCHLINE_HOME/prefect`; not yet healthy."""
+def start_prefect_server(port: int, api_only: bool = False) -> Service:
+    """`prefect server start` with its database under `PATCHLINE_HOME/prefect`; not yet healthy.
+
+    `api_only`: no UI and no background services, stopped by the kernel if its parent dies."""
     env = {"PREFECT_HOME": str(patchline_home() / "prefect"),
            "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     argv = [str(_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
-    return _launch("Prefect server", argv, env, port, "/api/health")
+    if api_only:
+        argv += ["--no-ui", "--no-services"]
+    return _launch("Prefect API" if api_only else "Prefect server", argv, env, port, "/api/health",
+                   stop_with_parent=api_only)
+
+
+@contextmanager
+def local_prefect_api(timeout_s: float = 180.0) -> Iterator[str]:
+    """A Prefect API on a free port for this process's flows, its URL in the settings inside the block.
+
+    Prefect's own temporary server is an ordinary child: when a CLI run is killed it lives on (about
+    250 MB) for good. This one is stopped by the kernel when its parent dies, however it dies."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    server = start_prefect_server(port, api_only=True)
+    try:
+        wait_until_healthy((server,), timeout_s)
+        with temporary_settings(updates={PREFECT_API_URL: f"{server.url}/api"}):
+            yield server.url
+    finally:
+        stop_services((server,))
 
 
 def start_mlflow_server(port: int) -> Service:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -178,6 +179,15 @@ def serve_command(
         _fail(error)
 
 
+def _prefect_api() -> contextlib.AbstractContextManager:
+    """The Prefect API that PREFECT_API_URL (or the Prefect profile) names, else one for this command alone."""
+    from prefect.settings import PREFECT_API_URL
+
+    from patchline.deployments.services import local_prefect_api
+
+    return contextlib.nullcontext() if PREFECT_API_URL.value() else local_prefect_api()
+
+
 DetectorsOption = Annotated[str | None, typer.Option(
     help="Comma-separated detectors to build instead of the config's (patchcore, oesdn, ae, darkness).")]
 
@@ -211,7 +221,8 @@ def rebuild_command(
     from patchline.flows.rebuild import rebuild_product_line
 
     config = _with_detectors(_load(line), detectors)
-    state = rebuild_product_line(config, wait, return_state=True)
+    with _prefect_api():
+        state = rebuild_product_line(config, wait, return_state=True)
     if not state.is_completed():
         _fail(RuntimeError(f"rebuild of {config.name} failed: {state.message}"))
     _print_rebuild(state.result())
@@ -224,7 +235,8 @@ def nightly_command(
     """Rebuild every configured line (or the given ones); one line's failure does not stop the others."""
     from patchline.flows.nightly import nightly
 
-    state = nightly(lines or None, return_state=True)
+    with _prefect_api():
+        state = nightly(lines or None, return_state=True)
     summary = state.result(raise_on_failure=False)
     summary = summary if isinstance(summary, dict) else {}
     for result in summary.get("rebuilt", {}).values():
@@ -247,7 +259,8 @@ def score_command(
 
     name = _load(line).name
     try:
-        csv_path = score_images(name, [str(p) for p in paths], str(out))
+        with _prefect_api():
+            csv_path = score_images(name, [str(p) for p in paths], str(out))
     except ValueError as error:
         _fail(error)
     typer.echo(f"wrote {csv_path} and heat maps in {out / 'heatmaps'}")

@@ -60,12 +60,16 @@ def test_one_rebuild_per_line_and_a_killed_one_is_cleaned_up_by_the_next(mvtec_r
         assert second.returncode != 0
         assert "rebuild of widget: already running" in second.stderr and f"pid {first.pid}" in second.stderr
         children = psutil.Process(first.pid).children(recursive=True)
+        assert children, "the CLI runs its flows against a Prefect API it started"
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"outlived the killed rebuild: {[p.cmdline() for p in alive]}"
     finally:
         first.kill()
-        for child in children:  # the temporary Prefect API the killed CLI started (see the issue note)
-            child.kill()
+        for child in children:
+            if child.is_running():
+                child.kill()
 
     third = subprocess.run([PATCHLINE, "rebuild", str(quick)], env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
