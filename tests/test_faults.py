@@ -17,6 +17,7 @@ from prefect.logging import disable_run_logger
 
 from patchline.storage.feature_store import FeatureStore
 from patchline.tasks.patchcore import feature_key, remove_orphaned_scratch
+from tests.conftest import textured, write_image
 
 PATCHLINE = str(Path(sys.executable).with_name("patchline"))
 
@@ -156,3 +157,62 @@ def test_two_first_runs_at_once_both_get_the_mlflow_database(tmp_path):
         out, errors = starter.communicate(timeout=300)
         assert starter.returncode == 0, errors[-2000:]
         assert out.strip().isdigit()
+
+
+def many_images_line(folder: Path, count: int) -> Path:
+    """A folder line big enough that extracting its features at 256 px takes some seconds."""
+    root = folder / "many"
+    for i in range(count):
+        write_image(root / "train" / "good" / f"{i:04d}.png", textured(1000 + i, size=64))
+    for i in range(10):
+        write_image(root / "test" / "good" / f"{i:03d}.png", textured(3000 + i, size=64))
+        write_image(root / "test" / "scratch" / f"{i:03d}.png", textured(4000 + i, size=64, rgb=True))
+    path = folder / "many.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "many", "source": {"kind": "mvtec", "root": str(root)}, "image_size": 256,
+        "patchcore": {"coreset_ratio": 0.005},
+        "oesdn": {"image_size": 32, "epochs": 2, "sdn_epochs": 2, "batch_size": 16, "ae_base_width": 8,
+                  "sdn_base_width": 8, "smoothing_sigma": 1.0},
+        "evaluation": {"calibration_fraction": 0.1, "detectors": ["patchcore", "ae"]}}))
+    return path
+
+
+def test_a_kill_during_extraction_then_two_rebuilds_at_once_on_the_stored_features(tmp_path):
+    env = {**os.environ, "PATCHLINE_HOME": str(tmp_path / "home")}
+    for key in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(key, None)
+    config = many_images_line(tmp_path, 150)
+    first = subprocess.Popen([PATCHLINE, "rebuild", str(config)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_line(first, "ingested many")
+        time.sleep(2)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        assert "features:" not in first.stderr.read(), "the kill should land during extraction"
+    finally:
+        first.kill()
+
+    both = [subprocess.Popen([PATCHLINE, "rebuild", str(config)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=900) for process in both]
+    for process, (out, errors) in zip(both, outputs):
+        assert process.returncode == 0, errors[-3000:]
+    assert sum("rebuild of many: waiting for" in errors for _, errors in outputs) == 1
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("patchline-many").experiment_id])
+    assert sorted(run.info.status for run in runs) == ["FINISHED", "FINISHED", "KILLED"]
+    # 20 test images: the second version may not replace the first without a hand promotion.
+    name = "patchline-many"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    assert client.get_model_version(name, "2").tags["patchline.gate.reason"].startswith("rule min_test_images")
+
+    from patchline.storage.line_config import load_line
+
+    features = tmp_path / "home" / "features"
+    store = FeatureStore.open(features, "many", feature_key(load_line(config)), read_only=True)
+    assert len(store) == 170 and len(set(store.ids)) == 170 and "" not in store.ids
+    assert store.read(store.ids).any(axis=(1, 2)).all()
+    assert not list(features.glob("coreset-*")), "no coreset scratch is left"
