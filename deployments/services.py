@@ -26,6 +26,7 @@ from patchline.storage.tracking import artifact_root, tracking_uri
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+# The servers run as `python -m <tool>` of this interpreter; this folder holds the tools they run by name.
 _BIN = Path(sys.executable).parent
 _LOG_TAIL_LINES = 20
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -100,7 +101,7 @@ def start_prefect_server(port: int, api_only: bool = False) -> Service:
     `api_only`: no UI and no background services, stopped by the kernel if its parent dies."""
     env = {"PREFECT_HOME": str(patchline_home() / "prefect"),
            "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    argv = [str(_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
     if api_only:
         argv += ["--no-ui", "--no-services"]
     return _launch("Prefect API" if api_only else "Prefect server", argv, env, port, "/api/health",
@@ -137,7 +138,7 @@ def start_mlflow_server(port: int) -> Service:
     artifacts.mkdir(parents=True, exist_ok=True)
     # The defaults start ~15 processes and ~3 GB; one worker and no job runner need ~0.5 GB.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    argv = [str(_BIN / "mlflow"), "server", "--backend-store-uri", store,
+    argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
             "--default-artifact-root", artifacts.as_uri(), "--host", HOST, "--port", str(port),
             "--workers", "1"]
     return _launch("MLflow server", argv, env, port, "/health")
@@ -150,7 +151,7 @@ def start_model_server(line: str, port: int, version: str | None = None) -> Serv
     # MLflow runs `uvicorn` by name, which is in this environment's bin folder, not necessarily on PATH.
     env = {"MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true",
            "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    argv = [str(_BIN / "mlflow"), "models", "serve", "--model-uri", model_uri, "--env-manager", "local",
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", model_uri, "--env-manager", "local",
             "--host", HOST, "--port", str(port), "--workers", "1"]
     return _launch(f"model server {line}", argv, env, port, "/ping")
 
