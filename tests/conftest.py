@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 # Before anything imports Prefect or MLflow: no telemetry, state under a per-session folder.
@@ -18,6 +19,20 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 def write_image(path: Path, pixels: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_line_config(path: Path, root: Path, *, name: str = "widget", image_size: int = 64,
+                      coreset_ratio: float = 0.2, calibration_fraction: float = 0.25,
+                      detectors: tuple[str, ...] = ("patchcore", "ae"), **oesdn) -> Path:
+    """A line config for an MVTec-layout folder with networks small enough for CI; `oesdn` overrides."""
+    networks = {"image_size": 32, "epochs": 2, "sdn_epochs": 2, "batch_size": 4, "ae_base_width": 8,
+                "sdn_base_width": 8, "smoothing_sigma": 1.0, **oesdn}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({
+        "name": name, "source": {"kind": "mvtec", "root": str(root)}, "image_size": image_size,
+        "patchcore": {"coreset_ratio": coreset_ratio}, "oesdn": networks,
+        "evaluation": {"calibration_fraction": calibration_fraction, "detectors": list(detectors)}}))
     return path
 
 

@@ -17,21 +17,15 @@ from prefect.logging import disable_run_logger
 
 from patchline.storage.feature_store import FeatureStore
 from patchline.tasks.patchcore import feature_key, remove_orphaned_scratch
-from tests.conftest import textured, write_image
+from tests.conftest import textured, write_image, write_line_config
 
 PATCHLINE = str(Path(sys.executable).with_name("patchline"))
 
 
 def line_config(folder: Path, root: Path, epochs: int) -> Path:
-    path = folder / f"widget-{epochs}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "widget", "source": {"kind": "mvtec", "root": str(root)}, "image_size": 64,
-        "patchcore": {"coreset_ratio": 0.2},
-        # Many epochs and no early stop keep the first rebuild training until it is killed.
-        "oesdn": {"image_size": 32, "epochs": epochs, "sdn_epochs": 2, "patience": epochs, "batch_size": 2,
-                  "ae_base_width": 8, "sdn_base_width": 8, "smoothing_sigma": 1.0, "max_train_seconds": 300},
-        "evaluation": {"calibration_fraction": 0.25, "detectors": ["patchcore", "ae"]}}))
-    return path
+    # Many epochs and no early stop keep the first rebuild training until it is killed.
+    return write_line_config(folder / f"widget-{epochs}.yaml", root, epochs=epochs, patience=epochs, batch_size=2,
+                             max_train_seconds=300)
 
 
 def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 300) -> list[str]:
@@ -120,7 +114,8 @@ FULL_DISK = """
 import resource, signal
 # A file-size limit is a full disk for this process alone: writes past it fail with EFBIG.
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-# 640 KB: past the first migrations, short of the whole schema (about 0.9 MB with MLflow 3.17).
+# 640 KB: past the first migrations, short of the whole schema (with MLflow 3.17, 512-768 KB limits
+# left a half-made database on the old code, 1 MB let it finish).
 resource.setrlimit(resource.RLIMIT_FSIZE, (640 * 1024, 640 * 1024))
 from patchline.storage.tracking import configure_mlflow
 configure_mlflow().search_experiments()
@@ -167,14 +162,8 @@ def many_images_line(folder: Path, count: int) -> Path:
     for i in range(10):
         write_image(root / "test" / "good" / f"{i:03d}.png", textured(3000 + i, size=64))
         write_image(root / "test" / "scratch" / f"{i:03d}.png", textured(4000 + i, size=64, rgb=True))
-    path = folder / "many.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "many", "source": {"kind": "mvtec", "root": str(root)}, "image_size": 256,
-        "patchcore": {"coreset_ratio": 0.005},
-        "oesdn": {"image_size": 32, "epochs": 2, "sdn_epochs": 2, "batch_size": 16, "ae_base_width": 8,
-                  "sdn_base_width": 8, "smoothing_sigma": 1.0},
-        "evaluation": {"calibration_fraction": 0.1, "detectors": ["patchcore", "ae"]}}))
-    return path
+    return write_line_config(folder / "many.yaml", root, name="many", image_size=256, coreset_ratio=0.005,
+                             calibration_fraction=0.1, batch_size=16)
 
 
 def test_a_kill_during_extraction_then_two_rebuilds_at_once_on_the_stored_features(tmp_path):

@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.conftest import write_line_config
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_LINES = ("elpv", "elpv-mono", "elpv-poly")
@@ -96,14 +97,7 @@ def test_installed_wheel_lists_lines_and_rebuilds_a_folder_from_anywhere(install
     where = run(str(installed / "bin" / "python"), "-c", "import patchline.flows.rebuild as m; print(m.__file__)")
     assert Path(where.stdout.strip()).is_relative_to(installed)
 
-    config = tmp_path / "configs" / "widget.yaml"
-    config.parent.mkdir()
-    config.write_text(yaml.safe_dump({
-        "name": "widget", "source": {"kind": "mvtec", "root": str(mvtec_root)}, "image_size": 64,
-        "patchcore": {"coreset_ratio": 0.2},
-        "oesdn": {"image_size": 32, "epochs": 2, "sdn_epochs": 2, "batch_size": 4, "ae_base_width": 8,
-                  "sdn_base_width": 8, "smoothing_sigma": 1.0},
-        "evaluation": {"calibration_fraction": 0.25, "detectors": ["patchcore", "oesdn"]}}))
+    config = write_line_config(tmp_path / "configs" / "widget.yaml", mvtec_root, detectors=("patchcore", "oesdn"))
     rebuilt = run(patchline, "rebuild", str(config))
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     assert "widget: image AUROC patchcore" in rebuilt.stdout and "version 1 promoted to champion" in rebuilt.stdout
