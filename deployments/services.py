@@ -114,6 +114,7 @@ def local_prefect_api(timeout_s: float = 180.0) -> Iterator[str]:
 
     Prefect's own temporary server is an ordinary child: when a CLI run is killed it lives on (about
     250 MB) for good. This one is stopped by the kernel when its parent dies, however it dies."""
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with socket.socket() as probe:
@@ -123,7 +124,12 @@ def local_prefect_api(timeout_s: float = 180.0) -> Iterator[str]:
     try:
         wait_until_healthy((server,), timeout_s)
         with temporary_settings(updates={PREFECT_API_URL: f"{server.url}/api"}):
-            yield server.url
+            try:
+                yield server.url
+            finally:
+                # The runs' last log lines wait in Prefect's queue for the next batch; sent after the
+                # server stops, they fail with a connection error on the console.
+                APILogWorker.drain_all(timeout=10)
     finally:
         stop_services((server,))
 

@@ -36,9 +36,9 @@ def rebuild_product_line(config: LineConfig, wait: bool = True) -> dict:
             outcome, evaluation, timings = _rebuild(config, run, started)
         except BaseException as error:
             # The run says why it failed; the registry was never touched, so `champion` stays where it was.
-            finish_run_task(run.run_id, f"{type(error).__name__}: {error}")
+            finish_run_task(run, f"{type(error).__name__}: {error}")
             raise
-        finish_run_task(run.run_id)
+        finish_run_task(run)
     publish_summary_task(config, run, evaluation, outcome, timings)
     return {"line": config.name, "run_id": run.run_id, "version": outcome.version,
             "promoted": outcome.decision.promote, "reason": outcome.decision.reason,

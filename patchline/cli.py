@@ -11,11 +11,12 @@ from typing import Annotated
 
 import typer
 
-from patchline.storage.paths import configure_environment
+from patchline.storage.paths import HomeNotWritableError, configure_environment, ensure_writable_home
 
 configure_environment()
 
-from patchline.storage.ingest import IngestError, build_manifest  # noqa: E402  (environment first)
+from patchline.storage.image_files import max_image_pixels  # noqa: E402  (environment first)
+from patchline.storage.ingest import IngestError, build_manifest  # noqa: E402
 from patchline.models.config import ElpvSource, LineConfig, MvtecSource
 from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
 from patchline.storage.sources.mvtec import MvtecLayoutError  # noqa: E402
@@ -29,6 +30,14 @@ LineArg = Annotated[str, typer.Argument(help="A configured line's name or the pa
 def _fail(error: Exception) -> None:
     typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _require_home() -> None:
+    """Commands that keep state check the home first: one line naming the folder, not a traceback later."""
+    try:
+        ensure_writable_home()
+    except HomeNotWritableError as error:
+        _fail(error)
 
 
 def _load(line: str) -> LineConfig:
@@ -50,6 +59,27 @@ class _RunMessagesOnly(logging.Filter):
             not record.getMessage().startswith("Finished in state Completed")
 
 
+def _raised_on_purpose(error: BaseException) -> bool:
+    """An error patchline defines, or a ValueError its code raised: bad input or a bad setting, whose
+    message says what is wrong, unlike a bug's."""
+    if type(error).__module__.startswith("patchline."):
+        return True
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return isinstance(error, ValueError) and frame is not None and \
+        frame.tb_frame.f_globals.get("__name__", "").startswith("patchline.")
+
+
+class _MessageOnlyForInputErrors(logging.Formatter):
+    """Prefect logs a failed task's exception with its traceback; for bad input the message is the news."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and record.exc_info[1] is not None and _raised_on_purpose(record.exc_info[1]):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Debug logging, Prefect's, MLflow's and Dask's INFO lines included.")] = False) -> None:
@@ -58,23 +88,32 @@ def _setup(verbose: Annotated[bool, typer.Option(
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_RunMessagesOnly())
+            handler.setFormatter(_MessageOnlyForInputErrors(handler.formatter._fmt if handler.formatter else None))
         # MLflow logs through a handler of its own (database migrations, artifact uploads), set up when
         # it is imported, at the level this variable names; `mlflow models serve` children inherit it.
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("mlflow").setLevel(logging.WARNING)
     # One line per request to the local Prefect API would bury the run's own messages.
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    try:
+        max_image_pixels()  # a bad setting stops every command at once, not the first image read
+    except ValueError as error:
+        _fail(error)
 
 
 @app.command("lines")
-def lines_command() -> None:
-    """List the configured product lines with their schedule and current champion."""
+def lines_command(
+    lines: Annotated[list[str] | None, typer.Argument(help="Lines to show (names or config files); default: all bundled.")] = None,
+) -> None:
+    """List product lines with their schedule and current champion."""
+    _require_home()
     from patchline.storage.registry import PROMOTED_AT_TAG, champion_version
     from patchline.storage.tracking import configure_mlflow
 
+    configs = [_load(line) for line in lines or [str(path) for path in bundled_line_files().values()]]
     client = configure_mlflow()
-    for name, path in bundled_line_files().items():
-        config = _load(str(path))
+    for config in configs:
+        name = config.name
         source = config.source.kind
         if isinstance(config.source, ElpvSource) and config.source.cell_type:
             source += f" ({config.source.cell_type})"
@@ -112,6 +151,7 @@ def init_line_command(
     name: Annotated[str, typer.Argument(help="Name of the new product line (lowercase, digits, dashes).")],
     mvtec_root: Annotated[Path, typer.Option(help="Folder in the MVTec AD layout (train/good, test/<defect>, ground_truth).")],
     out: Annotated[Path | None, typer.Option(help="Where to write the config; default ./<name>.yaml.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite the file if it exists.")] = False,
 ) -> None:
     """Write a line config with sensible defaults for an MVTec-layout folder of your own."""
     try:
@@ -121,7 +161,11 @@ def init_line_command(
         _fail(error)
     if not (mvtec_root / "train" / "good").is_dir():
         _fail(MvtecLayoutError(f"{mvtec_root / 'train' / 'good'}: missing; expected the MVTec AD layout"))
-    path = save_line(config, out or Path(f"{name}.yaml"))
+    target = out or Path(f"{name}.yaml")
+    if target.exists() and not force:
+        _fail(FileExistsError(f"{target} exists; it may hold your edits, so it is left as it is (--force "
+                              "overwrites it)"))
+    path = save_line(config, target)
     typer.echo(f"wrote {path}; try it with: patchline ingest {path}")
 
 
@@ -138,7 +182,9 @@ def ui_command(
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
 ) -> None:
     """Start the Prefect and MLflow UIs on 127.0.0.1 with their data under PATCHLINE_HOME; Ctrl-C stops both."""
+    _require_home()
     from patchline.deployments.services import ServiceError, block_until_one_exits, running_uis
+
 
     # SIGTERM (`kill`, a service manager) takes the same clean path as Ctrl-C; SIGINT is set explicitly
     # because a shell that starts us in the background leaves it ignored.
@@ -163,6 +209,7 @@ def serve_command(
     version: Annotated[str | None, typer.Option(help="Model version to serve; default: the champion.")] = None,
 ) -> None:
     """Serve the line's champion over MLflow's REST API on 127.0.0.1 (POST /invocations); Ctrl-C stops it."""
+    _require_home()
     from patchline.deployments.services import ServiceError, block_until_one_exits, serving_model
 
     config = _load(line)
@@ -218,6 +265,7 @@ def rebuild_command(
                                             "or (--no-wait) stop at once, naming it.")] = True,
 ) -> None:
     """Rebuild one product line now: features, coreset, OE-SDN, evaluation, MLflow, gate."""
+    _require_home()
     from patchline.flows.rebuild import rebuild_product_line
 
     config = _with_detectors(_load(line), detectors)
@@ -233,6 +281,7 @@ def nightly_command(
     lines: Annotated[list[str] | None, typer.Argument(help="Lines to rebuild; default: every configured line.")] = None,
 ) -> None:
     """Rebuild every configured line (or the given ones); one line's failure does not stop the others."""
+    _require_home()
     from patchline.flows.nightly import nightly
 
     with _prefect_api():
@@ -253,14 +302,18 @@ def score_command(
     line: LineArg,
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     out: Annotated[Path, typer.Option(help="Folder for scores.csv and heatmaps/.")] = Path("scores"),
+    recursive: Annotated[bool, typer.Option(help="Score the images in subfolders of the given folders too "
+                                                 "(default: only the files directly inside).")] = False,
 ) -> None:
-    """Score images with the line's champion model; unreadable files are reported in the CSV."""
+    """Score images with the line's champion model. Every path given or found gets one row of scores.csv:
+    its scores and heat map, or the reason it was not scored."""
+    _require_home()
     from patchline.flows.score import score_images
 
     name = _load(line).name
     try:
         with _prefect_api():
-            csv_path = score_images(name, [str(p) for p in paths], str(out))
+            csv_path = score_images(name, [str(p) for p in paths], str(out), recursive=recursive)
     except ValueError as error:
         _fail(error)
     typer.echo(f"wrote {csv_path} and heat maps in {out / 'heatmaps'}")
@@ -272,6 +325,7 @@ def deploy_command(
     serve: Annotated[bool, typer.Option(help="Serve the deployments here after registering them.")] = True,
 ) -> None:
     """Register one nightly deployment per line (its cron) plus batch scoring in the Prefect API, and serve them."""
+    _require_home()
     from patchline.deployments.schedules import register, serve_deployments
 
     if not serve:
@@ -288,6 +342,7 @@ def promote_command(
     reason: Annotated[str, typer.Option(help="Why, kept on the version.")] = "promoted by hand",
 ) -> None:
     """Move the line's champion alias to VERSION."""
+    _require_home()
     from mlflow.exceptions import MlflowException
 
     from patchline.storage.registry import promote
@@ -304,6 +359,7 @@ def promote_command(
 @app.command("rollback")
 def rollback_command(line: LineArg) -> None:
     """Give the champion alias back to the version that held it before."""
+    _require_home()
     from patchline.storage.registry import rollback
     from patchline.storage.tracking import configure_mlflow
 

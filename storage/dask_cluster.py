@@ -12,6 +12,7 @@ from distributed import Client, LocalCluster
 log = logging.getLogger(__name__)
 
 ADDRESS_ENV = "PATCHLINE_DASK_ADDRESS"
+LOOPBACK = "127.0.0.1"
 
 
 def machine_cores() -> int:
@@ -45,7 +46,10 @@ def dask_client(address: str | None = None, threads: int | None = None) -> Itera
             client.close()
         return
     threads = threads or machine_cores()
-    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        log.info("dask: local cluster of %d threads, dashboard %s", threads, client.dashboard_link)
+    # The dashboards (the scheduler's and the worker's) are unauthenticated: loopback only, like the
+    # Prefect and MLflow servers patchline starts.
+    with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=f"{LOOPBACK}:0",
+                      worker_dashboard_address=f"{LOOPBACK}:0") as cluster, Client(cluster) as client:
+        port = client.scheduler_info()["services"].get("dashboard")
+        log.info("dask: local cluster of %d threads, dashboard http://%s:%s/status", threads, LOOPBACK, port)
         yield client

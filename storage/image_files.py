@@ -1,15 +1,31 @@
-"""Decoding image files with errors that say which file is wrong and how."""
+"""The one guarded reader of image files: every failure becomes a `BadImageError` naming the file and why.
+
+Input files come from users' folders and from `patchline score` arguments, so anything may sit there:
+links that lead nowhere, named pipes, folders called `x.png`, files this process may not read, and
+decompression bombs (a few hundred bytes of PNG that claim billions of pixels). The pixel count is
+checked from the header, before any pixel is decoded, against `PATCHLINE_MAX_IMAGE_PIXELS`.
+"""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+MAX_PIXELS_ENV = "PATCHLINE_MAX_IMAGE_PIXELS"
+# Well above the largest inspection cameras' frames (a 10,000 x 10,000 line-scan tile decodes to
+# 300 MB of RGB); a bomb claims far more.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# This module enforces its own limit before decoding; PIL's global one would fire first (and as a
+# warning below twice its value) for a user who raises ours.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class BadImageError(ValueError):
@@ -21,13 +37,55 @@ class BadImageError(ValueError):
         self.reason = reason
 
 
+def max_image_pixels() -> int:
+    """The pixel-count limit of one image: `$PATCHLINE_MAX_IMAGE_PIXELS`, else the default."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV}={value!r}: expected a positive whole number of pixels")
+    return limit
+
+
+def entry_problem(path: Path) -> str | None:
+    """Why the folder entry `path` cannot be read as an image file, or None when it is a regular file."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return f"broken symbolic link (to {os.readlink(path)})" if path.is_symlink() else "file not found"
+    except PermissionError:
+        return "permission denied"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return f"cannot read ({error.strerror or error})"
+    if stat.S_ISDIR(info.st_mode):
+        return "a folder, not an image file"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a named pipe" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) \
+            else "a device"
+        return f"not a regular file ({kind})"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
 def decode_image(path: Path) -> np.ndarray:
     """Decode an image file fully into uint8 (H, W, 1) or (H, W, 3) pixels."""
-    if not path.is_file():
-        raise BadImageError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise BadImageError(path, "empty file (0 bytes)")
-    return _decode(path, path)
+    problem = entry_problem(path)
+    if problem is not None:
+        raise BadImageError(path, problem)
+    try:
+        with path.open("rb") as handle:
+            return _decode(handle, path)
+    except PermissionError:
+        raise BadImageError(path, "permission denied") from None
+    except OSError as error:
+        raise BadImageError(path, f"cannot read ({error.strerror or error})") from None
 
 
 def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
@@ -37,16 +95,25 @@ def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
     return _decode(io.BytesIO(data), name)
 
 
-def _decode(file: Path | BinaryIO, name: Path | str) -> np.ndarray:
+def _decode(file: BinaryIO, name: Path | str) -> np.ndarray:
+    limit = max_image_pixels()
     try:
         with Image.open(file) as image:
+            width, height = image.size
+            if width * height > limit:
+                raise BadImageError(name, f"image too large: {width}x{height} is {width * height:,} pixels, above "
+                                          f"the limit of {limit:,} (set {MAX_PIXELS_ENV} to allow more)")
             # load() forces a full decode: Image.open alone reads only the header and misses truncation.
             image.load()
             pixels = _to_uint8(image)
+    except BadImageError:
+        raise
     except UnidentifiedImageError:
         raise BadImageError(name, "not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise BadImageError(name, f"truncated or corrupt image ({error})") from None
+    except MemoryError:
+        raise BadImageError(name, "image too large to decode in this process's memory") from None
+    except Exception as error:  # noqa: BLE001  a malformed file can make PIL's decoders raise almost anything
+        raise BadImageError(name, f"truncated or corrupt image ({type(error).__name__}: {error})") from None
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise BadImageError(name, f"image has no pixels (size {pixels.shape[1]}x{pixels.shape[0]})")
     return pixels

@@ -12,6 +12,8 @@ from typing import Literal
 import numpy as np
 
 Split = Literal["train", "test"]
+# Fit images for the detectors plus at least two held out for calibration (`hold_out_calibration`).
+MIN_GOOD_TRAIN_IMAGES = 4
 Label = Literal["good", "anomaly", "ambiguous"]
 
 
@@ -44,10 +46,12 @@ class SkippedFile:
 
 @dataclass
 class SourceScan:
-    """What a source reader found: the usable rows and every file it could not use, with why."""
+    """What a source reader found: the usable rows, every bad entry (a problem) and every entry it ignored
+    on purpose (hidden ones), each with why."""
 
     rows: list[ManifestRow]
     problems: list[SkippedFile]
+    ignored: list[SkippedFile] = field(default_factory=list)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Manifest:
     line: str
     rows: list[ManifestRow]
     skipped: list[SkippedFile] = field(default_factory=list)
+    ignored: list[SkippedFile] = field(default_factory=list)
 
     def select(self, split: Split | None = None, label: Label | None = None) -> list[ManifestRow]:
         """Rows of one split and/or label, in manifest order."""
@@ -83,10 +88,13 @@ class Manifest:
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} bad files:")
             lines += [f"    {item.path}: {item.reason}" for item in self.skipped]
+        if self.ignored:
+            lines.append(f"  ignored {len(self.ignored)} entries:")
+            lines += [f"    {item.path}: {item.reason}" for item in self.ignored]
         return "\n".join(lines)
 
     def write_csv(self, path: Path) -> Path:
-        """Write the rows as CSV (and the skipped files beside it as `<stem>.skipped.csv`)."""
+        """Write the rows as CSV, and every entry not used beside it as `<stem>.skipped.csv`."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(ManifestRow)])
@@ -94,9 +102,10 @@ class Manifest:
             writer.writerows(asdict(row) for row in self.rows)
         skipped_path = path.with_suffix(".skipped.csv")
         with skipped_path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["path", "reason"])
+            writer = csv.DictWriter(handle, fieldnames=["path", "reason", "kind"])
             writer.writeheader()
-            writer.writerows(asdict(item) for item in self.skipped)
+            writer.writerows({**asdict(item), "kind": "bad input"} for item in self.skipped)
+            writer.writerows({**asdict(item), "kind": "ignored"} for item in self.ignored)
         return path
 
 
@@ -106,8 +115,8 @@ def hold_out_calibration(rows: list[ManifestRow], fraction: float, seed: int = 0
     Scores of images a model was fitted on are biased low (PatchCore's bank holds their own patches),
     so thresholds and fusion statistics come from these held-out good images instead.
     """
-    if len(rows) < 4:
-        raise ValueError(f"need at least 4 good training images to hold some out for calibration, got {len(rows)}")
+    if len(rows) < MIN_GOOD_TRAIN_IMAGES:
+        raise ValueError(f"need at least {MIN_GOOD_TRAIN_IMAGES} good training images to hold some out for calibration, got {len(rows)}")
     count = min(len(rows) - 2, max(2, round(len(rows) * fraction)))
     order = np.random.default_rng(seed).permutation(len(rows))
     held = set(order[:count].tolist())

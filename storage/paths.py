@@ -7,6 +7,7 @@ and an installed wheel behave alike and nothing is written next to the installed
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # Telemetry would try the network, which these machines do not have; each also logs errors when it fails.
@@ -17,16 +18,50 @@ _OFFLINE_ENV = {
 }
 
 
+class HomeNotWritableError(RuntimeError):
+    """`PATCHLINE_HOME` (or a folder in it) cannot be written; the message names it."""
+
+
+def home_path() -> Path:
+    """Where `PATCHLINE_HOME` points, whether or not the folder exists yet."""
+    return Path(os.environ.get("PATCHLINE_HOME", ".patchline")).expanduser().resolve()
+
+
 def patchline_home() -> Path:
     """The data directory holding Prefect's home, the MLflow store and the feature stores."""
-    home = Path(os.environ.get("PATCHLINE_HOME", ".patchline")).expanduser().resolve()
+    home = home_path()
     home.mkdir(parents=True, exist_ok=True)
     return home
 
 
+def ensure_writable_home() -> Path:
+    """The home, once it and each folder directly in it took a file; else one error naming the folder.
+
+    A read-only home otherwise fails deep inside Prefect's and MLflow's SQLite code, with a traceback each.
+    """
+    home = home_path()
+    folder = home
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        for folder in [home, *sorted(child for child in home.iterdir() if child.is_dir())]:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except OSError as error:
+        raise HomeNotWritableError(
+            f"PATCHLINE_HOME: cannot write to {folder} ({error.strerror or error}); make it writable or set "
+            "PATCHLINE_HOME to a folder you can write") from None
+    return home
+
+
+def work_folders(line: str) -> Path:
+    """Where a rebuild of `line` writes its plots, manifest and bundle before logging them to MLflow, one
+    subfolder per MLflow run; each is removed when its run ends."""
+    return patchline_home() / "runs" / line
+
+
 def configure_environment() -> Path:
     """Point Prefect at `PATCHLINE_HOME` and turn telemetry off; call before Prefect is imported."""
-    home = patchline_home()
+    home = home_path()
     for key, value in _OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))

@@ -9,6 +9,7 @@ in Prefect too, and are left alone).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from uuid import UUID
@@ -21,7 +22,7 @@ from prefect.states import Crashed
 
 from patchline.models.config import LineConfig
 from patchline.storage.locks import exclusive_lock
-from patchline.storage.paths import patchline_home
+from patchline.storage.paths import patchline_home, work_folders
 from patchline.storage.tracking import configure_mlflow, mark_stale_runs_killed
 
 
@@ -36,12 +37,18 @@ def rebuild_lock(line: str, wait: bool, flow_run_id: str | None) -> Iterator[str
 
 @task(name="clear-killed-runs", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def clear_killed_runs_task(config: LineConfig, killed_flow_run_id: str | None) -> int:
-    """Mark the line's MLflow runs left RUNNING as KILLED, and a killed holder's flow run CRASHED; returns
-    how many runs were marked."""
+    """Mark the line's MLflow runs left RUNNING as KILLED, and a killed holder's flow run CRASHED, and remove
+    the work folders killed runs left; returns how many runs were marked."""
     log = get_run_logger()
     killed = mark_stale_runs_killed(configure_mlflow(), config.name)
     for run_id in killed:
         log.warning("MLflow run %s of %s was left RUNNING by a killed rebuild: marked KILLED", run_id, config.name)
+    # The lock holder is the line's only rebuild, so every work folder there now is a dead run's.
+    left = sorted(work_folders(config.name).glob("*")) if work_folders(config.name).is_dir() else []
+    for folder in left:
+        shutil.rmtree(folder, ignore_errors=True)
+    if left:
+        log.info("removed %d work folder(s) of ended rebuilds of %s", len(left), config.name)
     if killed_flow_run_id is None:
         return len(killed)
     with get_client(sync_client=True) as client:

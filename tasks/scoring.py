@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +12,12 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from patchline.storage.image_files import IMAGE_SUFFIXES, BadImageError, decode_image
+from patchline.storage.image_files import BadImageError, decode_image
 from patchline.storage.plots import save_heatmap_overlay
 from patchline.storage.registry import champion_version, registered_model_name
 from patchline.storage.tracking import configure_mlflow
 
-CSV_COLUMNS = ["path", "score", "decision", "threshold", "model_version", "error"]
+CSV_COLUMNS = ["index", "path", "score", "decision", "threshold", "model_version", "heatmap", "error"]
 
 
 @dataclass(frozen=True)
@@ -26,20 +27,52 @@ class ChampionModel:
 
 
 @dataclass(frozen=True)
+class ScoreInput:
+    """One path to report on: its place in the CSV, and why it cannot be scored if that is known already."""
+
+    index: int
+    path: Path
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
 class ReadImages:
-    images: list[tuple[Path, np.ndarray]]
-    unreadable: list[tuple[Path, str]]
+    images: list[tuple[ScoreInput, np.ndarray]]
+    unreadable: list[tuple[ScoreInput, str]]
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, folders as the images directly inside them, in a stable order."""
-    paths = []
+def expand_inputs(inputs: list[str], recursive: bool = False) -> list[ScoreInput]:
+    """Every path given, and every entry of a given folder (of its subfolders too when `recursive`), in a
+    stable order; each will get one CSV row. Whatever is an image is decided by decoding, not by its name."""
+    found: list[tuple[Path, str | None]] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            _add_folder(item, recursive, found)
         else:
-            paths.append(item)
-    return paths
+            found.append((item, None))
+    return [ScoreInput(index, path, problem) for index, (path, problem) in enumerate(found)]
+
+
+def _add_folder(folder: Path, recursive: bool, found: list[tuple[Path, str | None]]) -> None:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as error:
+        found.append((folder, "permission denied: the folder cannot be listed" if isinstance(error, PermissionError)
+                      else f"the folder cannot be listed ({error.strerror or error})"))
+        return
+    for name in names:
+        path = folder / name
+        if name.startswith("."):
+            found.append((path, "hidden entry (name starts with '.'): not scored"))
+        elif not path.is_dir():
+            found.append((path, None))
+        elif path.is_symlink():
+            # Following links could loop forever; a linked folder can be given as an argument itself.
+            found.append((path, "link to a folder: not followed"))
+        elif recursive:
+            _add_folder(path, recursive, found)
+        else:
+            found.append((path, "a folder: not scored without --recursive"))
 
 
 @task(name="load-champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -53,29 +86,37 @@ def load_champion_task(line: str) -> ChampionModel:
 
 
 @task(name="read-images", cache_policy=NO_CACHE)
-def read_images_task(inputs: list[str]) -> ReadImages:
-    """Decode every input image; the unreadable ones are kept with the reason."""
+def read_images_task(inputs: list[str], recursive: bool = False) -> ReadImages:
+    """Decode every input; what cannot be scored is kept with the reason."""
     images, unreadable = [], []
-    for path in expand_inputs(inputs):
+    for item in expand_inputs(inputs, recursive):
+        if item.problem is not None:
+            unreadable.append((item, item.problem))
+            continue
         try:
-            images.append((path, decode_image(path)))
+            images.append((item, decode_image(item.path)))
         except BadImageError as error:
-            unreadable.append((path, error.reason))
+            unreadable.append((item, error.reason))
+    if unreadable:
+        get_run_logger().warning("%d of %d inputs cannot be scored; each has its reason in the CSV",
+                                 len(unreadable), len(images) + len(unreadable))
     return ReadImages(images, unreadable)
 
 
 @task(name="score-batch", cache_policy=NO_CACHE)
-def score_batch_task(champion: ChampionModel, batch: list[tuple[Path, np.ndarray]], out_dir: Path) -> list[dict]:
-    """Scores and decisions of one batch as CSV rows, and a heat-map overlay PNG per image."""
+def score_batch_task(champion: ChampionModel, batch: list[tuple[ScoreInput, np.ndarray]], out_dir: Path) -> list[dict]:
+    """Scores and decisions of one batch as CSV rows, and a heat-map overlay PNG per image, named by its
+    CSV index so that images of one name in different folders keep one each."""
     result = champion.model.predict([pixels for _, pixels in batch])
     (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (path, pixels) in enumerate(batch):
-        rows.append({"path": str(path), "score": f"{result['score'][i]:.6f}",
+    for i, (item, pixels) in enumerate(batch):
+        heatmap = Path("heatmaps") / f"{item.index:05d}_{item.path.stem}.png"
+        rows.append({"index": item.index, "path": str(item.path), "score": f"{result['score'][i]:.6f}",
                      "decision": "anomalous" if result["decision"][i] else "good",
-                     "threshold": f"{result['threshold'][i]:.6f}", "model_version": champion.version, "error": ""})
-        save_heatmap_overlay(pixels, result["anomaly_map"][i], float(result["threshold"][i]),
-                             out_dir / "heatmaps" / f"{path.stem}.png")
+                     "threshold": f"{result['threshold'][i]:.6f}", "model_version": champion.version,
+                     "heatmap": str(heatmap), "error": ""})
+        save_heatmap_overlay(pixels, result["anomaly_map"][i], float(result["threshold"][i]), out_dir / heatmap)
     return rows
 
 
@@ -86,6 +127,6 @@ def write_scores_task(rows: list[dict], out_dir: Path) -> Path:
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(sorted(rows, key=lambda row: row["index"]))
     get_run_logger().info("%d rows (%d unreadable) → %s", len(rows), sum(1 for r in rows if r.get("error")), csv_path)
     return csv_path

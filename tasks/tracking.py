@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from patchline.models.config import GATE_METRICS, LineConfig
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.line_config import save_line
 from patchline.storage.manifest import Manifest
-from patchline.storage.paths import patchline_home
+from patchline.storage.paths import work_folders
 from patchline.storage.pixels import read_pixels
 from patchline.storage.pyfunc_model import log_line_model
 from patchline.storage.registry import (
@@ -35,7 +36,7 @@ MLFLOW_UI_ENV = "PATCHLINE_MLFLOW_UI_URL"
 
 @dataclass(frozen=True)
 class StartedRun:
-    """The rebuild's MLflow run and the scratch folder its files are written to before logging."""
+    """The rebuild's MLflow run and the work folder its files are written to before logging."""
 
     run_id: str
     experiment_id: str
@@ -70,16 +71,18 @@ def start_run_task(config: LineConfig, flow_run_id: str | None) -> StartedRun:
                             tags={"patchline.line": config.name, "prefect.flow_run_id": str(flow_run_id)})
     params = config_params(config)
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
-    return StartedRun(run.info.run_id, experiment_id, patchline_home() / "runs" / config.name / run.info.run_id)
+    return StartedRun(run.info.run_id, experiment_id, work_folders(config.name) / run.info.run_id)
 
 
 @task(name="finish-mlflow-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def finish_run_task(run_id: str, error: str | None = None) -> None:
-    """Mark the run FINISHED, or FAILED with the error as its `patchline.error` tag."""
+def finish_run_task(run: StartedRun, error: str | None = None) -> None:
+    """Mark the run FINISHED, or FAILED with the error as its `patchline.error` tag, and remove its work
+    folder: what it held is in MLflow now, or belongs to a run that failed."""
     client = configure_mlflow()
     if error is not None:
-        client.set_tag(run_id, "patchline.error", error[:5000])
-    client.set_terminated(run_id, "FAILED" if error is not None else "FINISHED")
+        client.set_tag(run.run_id, "patchline.error", error[:5000])
+    client.set_terminated(run.run_id, "FAILED" if error is not None else "FINISHED")
+    shutil.rmtree(run.work_dir, ignore_errors=True)
 
 
 @task(name="log-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,23 @@ def write_line_config(path: Path, root: Path, *, name: str = "widget", image_siz
         "patchcore": {"coreset_ratio": coreset_ratio}, "oesdn": networks,
         "evaluation": {"calibration_fraction": calibration_fraction, "detectors": list(detectors)}}))
     return path
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A decompression bomb's header: a few dozen bytes of valid PNG claiming `width` x `height` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def without_root_override() -> list[str]:
+    """A command prefix that makes file permissions apply: root (CI's user) reads and writes past them."""
+    if os.geteuid() != 0:
+        return []
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
 
 
 def textured(seed: int, size: int = 32, rgb: bool = False) -> np.ndarray:

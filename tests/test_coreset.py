@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import dask.array as da
 import numpy as np
+import psutil
 import pytest
 import torch
 from distributed import Client
@@ -148,4 +149,12 @@ def test_dask_client_connects_to_a_running_scheduler_by_address(client: Client,
         coreset = greedy_coreset_dask(da.from_array(rows, chunks=(250, 8)), 20)
     assert len(coreset.indices) == 20
     # Leaving the block closed only the connection, not the cluster it found.
+    assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_the_local_cluster_listens_on_loopback_only(client: Client) -> None:
+    """Its dashboards are unauthenticated: nothing of it may be reachable from another machine."""
+    listening = [conn.laddr for conn in psutil.Process().net_connections("inet") if conn.status == psutil.CONN_LISTEN]
+    assert listening, "the scheduler's and the worker's dashboards listen"
+    assert {address.ip for address in listening} == {"127.0.0.1"}, listening
     assert client.submit(sum, [1, 2]).result() == 3

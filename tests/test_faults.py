@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +41,24 @@ def wait_for_line(process: subprocess.Popen, text: str, timeout_s: float = 300) 
     raise AssertionError(f"no {text!r} from the rebuild; it printed:\n{''.join(seen)[-3000:]}")
 
 
+class ListeningSockets(threading.Thread):
+    """Every address a process and its children listen on while it runs, polled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.seen, self.done = pid, set(), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.05):
+            try:
+                root = psutil.Process(self.pid)
+                for process in [root, *root.children(recursive=True)]:
+                    self.seen |= {(c.laddr.ip, c.laddr.port) for c in process.net_connections("inet")
+                                  if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:  # a process ended between listing and reading
+                continue
+
+
 def test_one_rebuild_per_line_and_a_killed_one_is_cleaned_up_by_the_next(mvtec_root, tmp_path):
     env = {**os.environ, "PATCHLINE_HOME": str(tmp_path / "home")}
     for key in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
@@ -47,15 +66,22 @@ def test_one_rebuild_per_line_and_a_killed_one_is_cleaned_up_by_the_next(mvtec_r
     slow, quick = line_config(tmp_path, mvtec_root, 10_000), line_config(tmp_path, mvtec_root, 2)
     first = subprocess.Popen([PATCHLINE, "rebuild", str(slow)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
+    sockets = ListeningSockets(first.pid)
+    sockets.start()
     children: list[psutil.Process] = []
     try:
         wait_for_line(first, "features:")  # extracted and stored; now training
+        wait_for_line(first, "coreset:")  # the Dask cluster has run and closed
         second = subprocess.run([PATCHLINE, "rebuild", str(quick), "--no-wait"], env=env, capture_output=True,
                                 text=True, timeout=300)
         assert second.returncode != 0
         assert "rebuild of widget: already running" in second.stderr and f"pid {first.pid}" in second.stderr
         children = psutil.Process(first.pid).children(recursive=True)
         assert children, "the CLI runs its flows against a Prefect API it started"
+        sockets.done.set()
+        sockets.join()
+        # The Prefect API and the Dask dashboards, all on loopback.
+        assert len(sockets.seen) >= 2 and {ip for ip, _ in sockets.seen} == {"127.0.0.1"}, sockets.seen
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         _, alive = psutil.wait_procs(children, timeout=30)
@@ -66,8 +92,11 @@ def test_one_rebuild_per_line_and_a_killed_one_is_cleaned_up_by_the_next(mvtec_r
             if child.is_running():
                 child.kill()
 
+    debris = tmp_path / "home" / "runs" / "widget" / "0123abcd"  # a work folder an older version kept
+    (debris / "plots").mkdir(parents=True)
     third = subprocess.run([PATCHLINE, "rebuild", str(quick)], env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
+    assert not list((tmp_path / "home" / "runs" / "widget").iterdir()), "no work folder outlives its run"
     assert "was left RUNNING by a killed rebuild: marked KILLED" in third.stderr
     assert "was left RUNNING by a killed rebuild: marked CRASHED" in third.stderr
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}")

@@ -28,6 +28,7 @@ from patchline.storage.line_config import save_line
 from patchline.storage.pixels import read_pixels
 from patchline.storage.registry import CHAMPION, DECISION_TAG, champion_version, registered_model_name
 from patchline.storage.tracking import configure_mlflow
+from tests.conftest import png_claiming
 
 LINE = "elpv-tiny"
 
@@ -64,8 +65,9 @@ def first_rebuild(home):
     return rebuild_product_line(tiny_config())
 
 
-def test_rebuild_logs_everything_and_the_first_version_becomes_champion(first_rebuild):
+def test_rebuild_logs_everything_and_the_first_version_becomes_champion(first_rebuild, home):
     client = configure_mlflow()
+    assert not list((home / "runs" / LINE).iterdir()), "the work folder goes once its files are in MLflow"
     assert first_rebuild["version"] == "1" and first_rebuild["promoted"]
     run = client.get_run(first_rebuild["run_id"])
     assert run.info.status == "FINISHED"
@@ -135,6 +137,9 @@ def test_champion_is_served_over_mlflow_rest_and_scores_as_in_process(first_rebu
         status, answer = post_json(f"{server.url}/invocations", {"inputs": [[[0, 300], [1, 2]]]})
         # MLflow's message is generic; the model's own reason comes in the stack trace it returns.
         assert status == 400 and "pixel values must lie in 0..255" in json.dumps(answer), answer
+        bomb = base64.b64encode(png_claiming(14_000, 14_000)).decode()
+        status, answer = post_json(f"{server.url}/invocations", {"inputs": {"image": [bomb]}})
+        assert status == 400 and "image too large: 14000x14000" in json.dumps(answer), answer
 
 
 def test_a_worse_model_leaves_the_champion(first_rebuild):
@@ -217,26 +222,53 @@ def test_deployments_carry_each_lines_cron(home):
         assert deployments[f"rebuild-{line}"].parameters["config"]["name"] == line
 
 
-def test_batch_scoring_writes_csv_and_heat_maps_and_reports_bad_files(first_rebuild, tmp_path):
+def test_batch_scoring_gives_every_input_one_row_and_its_own_heat_map(first_rebuild, tmp_path):
     from patchline.flows.score import score_images
 
     folder = tmp_path / "incoming"
-    folder.mkdir()
+    (folder / "sub").mkdir(parents=True)
     rows = build_manifest(tiny_config()).select(split="test")[:3]
     for i, row in enumerate(rows):
         Image.fromarray(read_pixels(row.source)[:, :, 0]).save(folder / f"cell{i}.png")
+    # The same file name in a subfolder, and a PNG without a suffix: both images, both scored.
+    Image.fromarray(read_pixels(rows[0].source)[:, :, 0]).save(folder / "sub" / "cell0.png")
+    Image.fromarray(read_pixels(rows[1].source)[:, :, 0]).save(folder / "nosuffix", format="PNG")
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    csv_path = Path(score_images(LINE, [str(folder)], str(tmp_path / "out")))
-    with csv_path.open() as handle:
-        written = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
-    assert set(written) == {"cell0.png", "cell1.png", "cell2.png", "corrupt.png"}
-    assert written["corrupt.png"]["error"].startswith(("not an image", "truncated or corrupt"))
-    assert written["corrupt.png"]["score"] == ""
+    (folder / "bomb.png").write_bytes(png_claiming(14_000, 14_000))
+    (folder / "notes.txt").write_text("shift notes")
+    (folder / ".hidden.png").write_bytes(b"")
+    missing = tmp_path / "missing.png"
+
+    def scored(recursive: bool) -> dict[str, dict]:
+        out = tmp_path / f"out-{recursive}"
+        csv_path = Path(score_images(LINE, [str(folder), str(missing)], str(out), recursive=recursive))
+        with csv_path.open() as handle:
+            written = list(csv.DictReader(handle))
+        assert [int(r["index"]) for r in written] == list(range(len(written)))
+        for r in written:
+            if r["heatmap"]:
+                assert (out / r["heatmap"]).stat().st_size > 1000
+        return {str(Path(r["path"]).relative_to(tmp_path)): r for r in written}
+
+    flat = scored(recursive=False)
+    assert set(flat) == {"incoming/.hidden.png", "incoming/bomb.png", "incoming/cell0.png", "incoming/cell1.png",
+                         "incoming/cell2.png", "incoming/corrupt.png", "incoming/nosuffix", "incoming/notes.txt",
+                         "incoming/sub", "missing.png"}
+    errors = {path: r["error"] for path, r in flat.items() if r["error"]}
+    assert errors["incoming/sub"] == "a folder: not scored without --recursive"
+    assert errors["incoming/bomb.png"].startswith("image too large: 14000x14000")
+    assert errors["incoming/notes.txt"] == "not an image (unrecognised format)"
+    assert errors["incoming/corrupt.png"].startswith(("not an image", "truncated or corrupt"))
+    assert errors["incoming/.hidden.png"].startswith("hidden entry") and errors["missing.png"] == "file not found"
+    assert all(flat[path]["score"] == "" and flat[path]["heatmap"] == "" for path in errors)
     champion = str(champion_version(configure_mlflow(), LINE).version)
-    for i in range(3):
-        assert written[f"cell{i}.png"]["decision"] in ("good", "anomalous")
-        assert written[f"cell{i}.png"]["model_version"] == champion
-        assert (tmp_path / "out" / "heatmaps" / f"cell{i}.png").stat().st_size > 1000
+    for path in ("incoming/cell0.png", "incoming/cell1.png", "incoming/cell2.png", "incoming/nosuffix"):
+        assert flat[path]["decision"] in ("good", "anomalous") and flat[path]["model_version"] == champion
+    assert float(flat["incoming/nosuffix"]["score"]) == pytest.approx(float(flat["incoming/cell1.png"]["score"]), abs=1e-4)
+    deep = scored(recursive=True)
+    assert "incoming/sub" not in deep
+    assert float(deep["incoming/sub/cell0.png"]["score"]) == pytest.approx(float(deep["incoming/cell0.png"]["score"]), abs=1e-4)
+    assert deep["incoming/sub/cell0.png"]["heatmap"] != deep["incoming/cell0.png"]["heatmap"]
 
 
 def test_cli_nightly_promote_and_rollback(first_rebuild, tmp_path):
@@ -257,3 +289,5 @@ def test_cli_nightly_promote_and_rollback(first_rebuild, tmp_path):
     assert result.exit_code == 0 and f"champion is back to v{champion}" in result.output
     result = runner.invoke(app, ["promote", str(good), "99"])
     assert result.exit_code == 2 and "cannot promote version 99" in result.output
+    result = runner.invoke(app, ["lines", str(good)])
+    assert result.exit_code == 0 and result.output.startswith(LINE) and f"champion: v{champion} (" in result.output

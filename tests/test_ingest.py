@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from patchline.models.config import ElpvSource, LineConfig, MvtecSource
-from patchline.storage.image_files import BadImageError, decode_image
+from patchline.storage.image_files import MAX_PIXELS_ENV, BadImageError, decode_image, decode_image_bytes
 from patchline.storage.ingest import IngestError, build_manifest
 from patchline.storage.pixels import read_mask, read_pixels
 from patchline.storage.sources.mvtec import MvtecLayoutError
-from tests.conftest import textured, write_image
+from tests.conftest import png_claiming, textured, without_root_override, write_image
 
 
 def mvtec_line(root: Path, on_bad_input: str = "fail") -> LineConfig:
@@ -102,7 +107,50 @@ def _duplicate(root: Path) -> tuple[Path, str]:
     return path, "duplicate image: same pixels as"
 
 
-BAD_INPUTS = [_corrupt, _truncated, _zero_bytes, _not_an_image, _mask_size, _orphan_mask, _duplicate]
+def _bomb(root: Path) -> tuple[Path, str]:
+    path = root / "train" / "good" / "bomb.png"
+    path.write_bytes(png_claiming(14_000, 14_000))
+    return path, "image too large: 14000x14000 is 196,000,000 pixels"
+
+
+def _dangling_link(root: Path) -> tuple[Path, str]:
+    path = root / "train" / "good" / "gone.png"
+    path.symlink_to(root / "nowhere.png")
+    return path, "broken symbolic link"
+
+
+def _link_loop(root: Path) -> tuple[Path, str]:
+    path = root / "test" / "good" / "loop.png"
+    path.symlink_to(path)
+    return path, "symbolic link loop"
+
+
+def _fifo(root: Path) -> tuple[Path, str]:
+    path = root / "train" / "good" / "camera.png"
+    os.mkfifo(path)
+    return path, "not a regular file (a named pipe)"
+
+
+def _folder_named_like_an_image(root: Path) -> tuple[Path, str]:
+    path = root / "test" / "scratch" / "more.png"
+    path.mkdir()
+    return path, "a folder, not an image file"
+
+
+def _file_directly_in_test(root: Path) -> tuple[Path, str]:
+    path = write_image(root / "test" / "stray.png", textured(300))
+    return path, "a file directly in test/"
+
+
+def _black_mask(root: Path) -> tuple[Path, str]:
+    path = write_image(root / "ground_truth" / "scratch" / "000_mask.png", np.zeros((32, 32), np.uint8))
+    return path, "mask has no defect pixels"
+
+
+BAD_INPUTS = [_corrupt, _truncated, _zero_bytes, _not_an_image, _mask_size, _orphan_mask, _duplicate, _bomb,
+              _dangling_link, _link_loop, _fifo, _folder_named_like_an_image, _file_directly_in_test, _black_mask]
+# A bad mask leaves its image out too, and both are listed.
+MASK_PROBLEMS = {_mask_size: "001", _black_mask: "000"}
 
 
 @pytest.mark.parametrize("make_bad", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
@@ -119,11 +167,15 @@ def test_bad_input_is_skipped_and_recorded_when_the_line_allows(mvtec_root, make
     clean = build_manifest(mvtec_line(mvtec_root))
     path, reason = make_bad(mvtec_root)
     manifest = build_manifest(mvtec_line(mvtec_root, on_bad_input="skip"))
-    assert [(item.path, reason in item.reason) for item in manifest.skipped] == [(str(path), True)]
+    listed = [(item.path, reason in item.reason) for item in manifest.skipped]
     assert str(path) in manifest.summary()
-    if make_bad is _mask_size:  # the image itself is fine; only its mask is bad, so the row goes
-        assert len(manifest.rows) == len(clean.rows) - 1
+    if make_bad in MASK_PROBLEMS:
+        image = mvtec_root / "test" / "scratch" / f"{MASK_PROBLEMS[make_bad]}.png"
+        assert listed == [(str(path), True), (str(image), False)]
+        assert "image left out: its mask" in manifest.skipped[1].reason
+        assert {row.source for row in clean.rows} - {row.source for row in manifest.rows} == {str(image)}
     else:
+        assert listed == [(str(path), True)]
         assert {row.id for row in manifest.rows} == {row.id for row in clean.rows}
 
 
@@ -134,11 +186,72 @@ def test_empty_train_folder_is_fatal_even_when_skipping(mvtec_root):
         build_manifest(mvtec_line(mvtec_root, on_bad_input="skip"))
 
 
-def test_train_folder_with_only_bad_files_is_fatal(mvtec_root):
+def test_train_folder_with_only_bad_files_is_fatal_and_names_them(mvtec_root):
     for path in (mvtec_root / "train" / "good").iterdir():
-        path.write_bytes(b"")
-    with pytest.raises(MvtecLayoutError, match="no usable good images"):
+        path.unlink()
+    (mvtec_root / "train" / "good" / "only.png").write_bytes(b"")
+    with pytest.raises(MvtecLayoutError, match="no usable good images") as caught:
         build_manifest(mvtec_line(mvtec_root, on_bad_input="skip"))
+    assert "only.png: empty file (0 bytes)" in str(caught.value)
+
+
+def test_hidden_entries_are_reported_as_ignored_not_as_bad_input(mvtec_root):
+    (mvtec_root / "train" / "good" / ".DS_Store").write_bytes(b"finder")
+    (mvtec_root / "test" / ".thumbs").mkdir()
+    manifest = build_manifest(mvtec_line(mvtec_root))  # on_bad_input: fail, and still no error
+    assert [Path(item.path).name for item in manifest.ignored] == [".DS_Store", ".thumbs"]
+    assert "ignored 2 entries" in manifest.summary() and not manifest.skipped
+
+
+@pytest.mark.parametrize("spoil, missing", [
+    (lambda root: (root / "train" / "good" / "000.png").unlink(), "3 usable good training image(s); at least 4"),
+    (lambda root: shutil.rmtree(root / "test" / "scratch"), "the test split has no defective parts"),
+    (lambda root: shutil.rmtree(root / "test" / "good"), "the test split has no good parts"),
+    # Under skip, black masks take their images out: no defective part is left to measure on.
+    (lambda root: [write_image(path, np.zeros((32, 32), np.uint8))
+                   for path in (root / "ground_truth" / "scratch").iterdir()], "the test split has no defective"),
+], ids=["three-goods", "no-anomalies", "no-test-goods", "all-masks-black"])
+def test_what_the_rebuild_needs_is_checked_at_ingest(mvtec_root, spoil, missing):
+    spoil(mvtec_root)
+    with pytest.raises(IngestError, match="nothing was trained") as caught:
+        build_manifest(mvtec_line(mvtec_root, on_bad_input="skip"))
+    assert missing in str(caught.value)
+
+
+def test_a_pixel_metric_gate_needs_masks(mvtec_root):
+    shutil.rmtree(mvtec_root / "ground_truth")
+    config = LineConfig(name="widget", source=MvtecSource(root=mvtec_root), promotion={"metric": "pixel_auroc"})
+    with pytest.raises(IngestError, match="pixel_auroc is a pixel metric, but no test image has a ground-truth mask"):
+        build_manifest(config)
+    assert build_manifest(mvtec_line(mvtec_root)).counts()["test/anomaly"] == 2
+
+
+def test_unreadable_files_and_folders_say_permission_denied(mvtec_root):
+    """Run without root's permission override (the tests may run as root), as a user would meet it."""
+    write_image(mvtec_root / "train" / "good" / "004.png", textured(4))
+    write_image(mvtec_root / "test" / "dent" / "000.png", textured(400))
+    (mvtec_root / "train" / "good" / "003.png").chmod(0)
+    (mvtec_root / "test" / "dent").chmod(0)
+    script = ("import json, sys; from patchline.models.config import LineConfig, MvtecSource; "
+              "from patchline.storage.ingest import build_manifest; "
+              "m = build_manifest(LineConfig(name='w', source=MvtecSource(root=sys.argv[1]), on_bad_input='skip')); "
+              "print(json.dumps([[i.path, i.reason] for i in m.skipped]))")
+    try:
+        result = subprocess.run([*without_root_override(), sys.executable, "-c", script, str(mvtec_root)],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        (mvtec_root / "test" / "dent").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [
+        [str(mvtec_root / "train" / "good" / "003.png"), "permission denied"],
+        [str(mvtec_root / "test" / "dent"), "permission denied: the folder cannot be listed"]]
+    (mvtec_root / "train" / "good").chmod(0)
+    try:
+        result = subprocess.run([*without_root_override(), sys.executable, "-c", script, str(mvtec_root)],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        (mvtec_root / "train" / "good").chmod(0o755)
+    assert result.returncode == 1 and "train/good: permission denied" in result.stderr
 
 
 def test_missing_layout_is_named(tmp_path):
@@ -161,3 +274,18 @@ def test_decode_error_carries_path_and_reason(tmp_path):
     with pytest.raises(BadImageError) as caught:
         decode_image(tmp_path / "nope.png")
     assert caught.value.path.endswith("nope.png") and caught.value.reason == "file not found"
+
+
+def test_the_pixel_limit_is_read_from_the_environment(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "a.png", textured(1, size=40))
+    bomb = png_claiming(50_000, 50_000)
+    with pytest.raises(BadImageError, match="image too large: 50000x50000"):
+        decode_image_bytes(bomb, "upload")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1_000")
+    with pytest.raises(BadImageError, match=f"above the limit of 1,000 \\(set {MAX_PIXELS_ENV}"):
+        decode_image(path)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "2000")
+    assert decode_image(path).shape == (40, 40, 1)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
+    with pytest.raises(ValueError, match=f"{MAX_PIXELS_ENV}='lots': expected a positive whole number"):
+        decode_image(path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,9 @@ from typer.testing import CliRunner
 
 from patchline.cli import app
 from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
+from tests.conftest import png_claiming, without_root_override
+
+PATCHLINE = str(Path(sys.executable).with_name("patchline"))
 
 runner = CliRunner()
 
@@ -76,11 +82,66 @@ def test_cli_init_line_then_ingest_a_users_own_folder(tmp_path, mvtec_root):
 
 def test_cli_ingest_reports_bad_input_and_exits_non_zero(tmp_path, mvtec_root):
     (mvtec_root / "train" / "good" / "broken.png").write_bytes(b"")
+    (mvtec_root / "test" / "good" / "bomb.png").write_bytes(png_claiming(14_000, 14_000))
     config_path = tmp_path / "widget.yaml"
     runner.invoke(app, ["init-line", "widget", "--mvtec-root", str(mvtec_root), "--out", str(config_path)])
     result = runner.invoke(app, ["ingest", str(config_path)])
-    assert result.exit_code == 2
-    assert "broken.png: empty file (0 bytes)" in result.output
+    assert result.exit_code == 2 and not isinstance(result.exception, (ValueError, OSError))
+    assert "broken.png: empty file (0 bytes)" in result.output and "bomb.png: image too large" in result.output
+    config_path.write_text(config_path.read_text().replace("on_bad_input: fail", "on_bad_input: skip"))
+    result = runner.invoke(app, ["ingest", str(config_path)])
+    assert result.exit_code == 0 and "skipped 2 bad files" in result.output
+    result = runner.invoke(app, ["ingest", str(config_path)], env={"PATCHLINE_MAX_IMAGE_PIXELS": "0"})
+    assert result.exit_code == 2 and "PATCHLINE_MAX_IMAGE_PIXELS='0': expected a positive" in result.output
+
+
+def test_cli_init_line_keeps_an_existing_config_unless_forced(tmp_path, mvtec_root):
+    config_path = tmp_path / "widget.yaml"
+    command = ["init-line", "widget", "--mvtec-root", str(mvtec_root), "--out", str(config_path)]
+    assert runner.invoke(app, command).exit_code == 0
+    edited = config_path.read_text().replace("on_bad_input: fail", "on_bad_input: skip")
+    config_path.write_text(edited)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2 and "widget.yaml exists" in result.output and "--force" in result.output
+    assert config_path.read_text() == edited
+    assert runner.invoke(app, [*command, "--force"]).exit_code == 0
+    assert load_line(config_path).on_bad_input == "fail"
+
+
+def test_cli_lines_shows_a_line_defined_by_a_config_file(tmp_path, mvtec_root):
+    config_path = tmp_path / "widget.yaml"
+    runner.invoke(app, ["init-line", "widget", "--mvtec-root", str(mvtec_root), "--out", str(config_path)])
+    result = runner.invoke(app, ["lines", str(config_path), "elpv-mono"])
+    assert result.exit_code == 0, result.output
+    shown = [line.split()[0] for line in result.output.splitlines() if not line.startswith(" ")]
+    assert shown == ["widget", "elpv-mono"] and "champion: none yet" in result.output
+
+
+@pytest.mark.parametrize("spoil", ["read-only home", "read-only folder in it", "home cannot be created"])
+def test_an_unwritable_home_fails_at_start_with_one_line_naming_it(tmp_path, mvtec_root, spoil):
+    home = tmp_path / "home"
+    (home / "mlflow").mkdir(parents=True)
+    blocked = {"read-only home": home, "read-only folder in it": home / "mlflow", "home cannot be created": tmp_path}[spoil]
+    if spoil == "home cannot be created":
+        home = tmp_path / "locked" / "home"
+        blocked = tmp_path / "locked"
+        blocked.mkdir()
+    blocked.chmod(0o555)
+    config_path = tmp_path / "widget.yaml"
+    runner.invoke(app, ["init-line", "widget", "--mvtec-root", str(mvtec_root), "--out", str(config_path)])
+    env = {**os.environ, "PATCHLINE_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        commands = [["lines"], ["rebuild", str(config_path)], ["score", str(config_path), str(mvtec_root)]]
+        for command in commands if spoil == "read-only home" else commands[1:2]:
+            result = subprocess.run([*without_root_override(), PATCHLINE, *command], env=env, capture_output=True,
+                                    text=True, timeout=120)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.splitlines() == [
+                f"error: PATCHLINE_HOME: cannot write to {blocked if spoil != 'home cannot be created' else home} "
+                "(Permission denied); make it writable or set PATCHLINE_HOME to a folder you can write"], command
+    finally:
+        blocked.chmod(0o755)
 
 
 def test_cli_init_line_rejects_a_folder_without_the_layout(tmp_path):
@@ -92,3 +153,4 @@ def test_every_command_has_help():
     for command in ("lines", "ingest", "init-line"):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_line_config
+from tests.conftest import png_claiming, write_line_config
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_LINES = ("elpv", "elpv-mono", "elpv-poly")
@@ -98,6 +98,15 @@ def test_installed_wheel_lists_lines_and_rebuilds_a_folder_from_anywhere(install
     assert Path(where.stdout.strip()).is_relative_to(installed)
 
     config = write_line_config(tmp_path / "configs" / "widget.yaml", mvtec_root, detectors=("patchcore", "oesdn"))
+    bomb = mvtec_root / "train" / "good" / "bomb.png"
+    bomb.write_bytes(png_claiming(14_000, 14_000))
+    refused = run(patchline, "rebuild", str(config))
+    bomb.unlink()
+    assert refused.returncode == 2
+    last = refused.stderr.splitlines()[-2:]
+    assert last[0].startswith("error: rebuild of widget failed") and "1 bad input file(s)" in last[0], refused.stderr
+    assert last[1].startswith(f"  {bomb}: image too large: 14000x14000")
+    assert "Traceback" not in refused.stderr and "Error logging to API" not in refused.stderr, refused.stderr
     rebuilt = run(patchline, "rebuild", str(config))
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     assert "widget: image AUROC patchcore" in rebuilt.stdout and "version 1 promoted to champion" in rebuilt.stdout
