@@ -12,9 +12,10 @@ from typing import Literal
 import numpy as np
 
 Split = Literal["train", "test"]
+Label = Literal["good", "anomaly", "ambiguous"]
+
 # Fit images for the detectors plus at least two held out for calibration (`hold_out_calibration`).
 MIN_GOOD_TRAIN_IMAGES = 4
-Label = Literal["good", "anomaly", "ambiguous"]
 
 
 def content_hash(pixels: np.ndarray) -> str:

@@ -198,9 +198,13 @@ def test_train_folder_with_only_bad_files_is_fatal_and_names_them(mvtec_root):
 def test_hidden_entries_are_reported_as_ignored_not_as_bad_input(mvtec_root):
     (mvtec_root / "train" / "good" / ".DS_Store").write_bytes(b"finder")
     (mvtec_root / "test" / ".thumbs").mkdir()
+    (mvtec_root / "readme.txt").write_text("category notes")
+    write_image(mvtec_root / "train" / "scratch" / "000.png", textured(500))
     manifest = build_manifest(mvtec_line(mvtec_root))  # on_bad_input: fail, and still no error
-    assert [Path(item.path).name for item in manifest.ignored] == [".DS_Store", ".thumbs"]
-    assert "ignored 2 entries" in manifest.summary() and not manifest.skipped
+    assert [(Path(item.path).name, item.reason.split(" (")[0]) for item in manifest.ignored] == [
+        ("readme.txt", "not part of the MVTec layout"), ("scratch", "training uses train/good/ only"),
+        (".DS_Store", "hidden entry"), (".thumbs", "hidden entry")]
+    assert "ignored 4 entries" in manifest.summary() and not manifest.skipped
 
 
 @pytest.mark.parametrize("spoil, missing", [

@@ -50,6 +50,9 @@ class _Scan:
             os.listdir(train_dir)
         except PermissionError:
             raise MvtecLayoutError(f"{train_dir}: permission denied; the good training images cannot be listed") from None
+        self.report_unused(self.root, {"train", "test", "ground_truth"},
+                           "not part of the MVTec layout (train/good/, test/, ground_truth/)")
+        self.report_unused(self.root / "train", {"good"}, "training uses train/good/ only (images of good parts)")
         train_files = self.files(self.entries(train_dir))
         for path in train_files:
             self.add(path, "train", "good", None)
@@ -82,6 +85,11 @@ class _Scan:
             else:
                 visible.append(folder / name)
         return visible
+
+    def report_unused(self, folder: Path, used: set[str], reason: str) -> None:
+        for path in self.entries(folder):
+            if path.name not in used:
+                self.result.ignored.append(SkippedFile(str(path), reason))
 
     def files(self, entries: list[Path]) -> list[Path]:
         """The regular files among a folder's entries; every other entry is a problem."""
