@@ -10,8 +10,9 @@ from patchline.tasks.lines import configured_lines, load_line_task
 
 
 @flow(name="nightly")
-def nightly(lines: list[str] | None = None) -> State:
-    """Rebuild each line in turn; one line's failure does not stop the others, and the final state names it."""
+def nightly(lines: list[str] | None = None, force: bool = False) -> State:
+    """Rebuild each line in turn; one line's failure does not stop the others, and the final state names it.
+    Lines unchanged since their champion are skipped, unless `force`."""
     log = get_run_logger()
     names = lines or configured_lines()
     results, failed = {}, {}
@@ -22,7 +23,7 @@ def nightly(lines: list[str] | None = None) -> State:
             log.error("line %s: %s", name, failed[name])
             continue
         config = loaded.result()
-        state = rebuild_product_line(config, return_state=True)
+        state = rebuild_product_line(config, force=force, return_state=True)
         if state.is_completed():
             results[config.name] = state.result()
         else:
@@ -31,4 +32,6 @@ def nightly(lines: list[str] | None = None) -> State:
     summary = {"rebuilt": results, "failed": failed}
     if failed:
         return Failed(message=f"{len(failed)} of {len(names)} lines failed: {', '.join(failed)}", data=summary)
-    return Completed(message=f"all {len(names)} lines rebuilt", data=summary)
+    skipped = sum(1 for result in results.values() if result["skipped"])
+    return Completed(message=f"all {len(names)} lines done: {len(names) - skipped} rebuilt, {skipped} unchanged",
+                     data=summary)

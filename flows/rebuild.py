@@ -11,43 +11,61 @@ from prefect.runtime import flow_run
 from patchline.models.config import LineConfig
 from patchline.tasks.darkness import score_darkness_task
 from patchline.tasks.evaluate import Evaluation, evaluate_task
-from patchline.tasks.ingest import ingest_line
+from patchline.tasks.ingest import LineData, ingest_line
 from patchline.tasks.line_lock import clear_killed_runs_task, rebuild_lock
 from patchline.tasks.oesdn import score_reconstruction_task, train_autoencoder_task, train_sdn_task
 from patchline.tasks.packaging import package_model_task
 from patchline.tasks.patchcore import build_memory_bank_task, extract_features_task, score_patchcore_task, select_coreset_task
 from patchline.tasks.tracking import (
-    GateOutcome, StartedRun, check_tracking_task, finish_run_task, log_rebuild_task, publish_summary_task,
-    register_and_gate_task, start_run_task)
+    GateOutcome, StartedRun, UnchangedChampion, check_tracking_task, find_unchanged_champion_task, finish_run_task,
+    log_rebuild_task, publish_summary_task, record_skip_task, register_and_gate_task, start_run_task)
 
 
 @flow(name="rebuild-product-line", flow_run_name="rebuild-{config.name}")
-def rebuild_product_line(config: LineConfig, wait: bool = True) -> dict:
+def rebuild_product_line(config: LineConfig, wait: bool = True, force: bool = False) -> dict:
     """Rebuild every detector of one line, evaluate it, log it to MLflow and let the gate decide on it.
 
     One rebuild per line at a time: another one still running is waited for, or with `wait=False`
-    this one fails at once naming it."""
+    this one fails at once naming it. A line whose images and model settings equal its champion's is
+    not rebuilt (its run records the skip), unless `force`."""
     started = time.perf_counter()
     check_tracking_task()
     with rebuild_lock(config.name, wait, flow_run.get_id()) as killed_flow_run:
         clear_killed_runs_task(config, killed_flow_run)
         run = start_run_task(config, flow_run.get_id())
+        unchanged = None
         try:
-            outcome, evaluation, timings = _rebuild(config, run, started)
+            data = ingest_line(config)
+            unchanged = None if force else find_unchanged_champion_task(config, data)
+            if unchanged is not None:
+                reason = record_skip_task(run, data, unchanged)
+            else:
+                outcome, evaluation, timings = _rebuild(config, run, data, started)
         except BaseException as error:
             # The run says why it failed; the registry was never touched, so `champion` stays where it was.
             finish_run_task(run, f"{type(error).__name__}: {error}")
             raise
         finish_run_task(run)
+    if unchanged is not None:
+        return _skipped(config, run, unchanged, reason)
     publish_summary_task(config, run, evaluation, outcome, timings)
     return {"line": config.name, "run_id": run.run_id, "version": outcome.version,
-            "promoted": outcome.decision.promote, "reason": outcome.decision.reason,
+            "promoted": outcome.decision.promote, "reason": outcome.decision.reason, "skipped": False,
             "decision_detector": evaluation.calibration.decision_detector,
             "image_auroc": {name: m["image_auroc"] for name, m in evaluation.metrics.items()}}
 
 
-def _rebuild(config: LineConfig, run: StartedRun, started: float) -> tuple[GateOutcome, Evaluation, dict[str, float]]:
-    data = ingest_line(config)
+def _skipped(config: LineConfig, run: StartedRun, unchanged: UnchangedChampion, reason: str) -> dict:
+    """The result of a skipped rebuild: the champion's own figures, which still stand."""
+    suffix = "_image_auroc"
+    return {"line": config.name, "run_id": run.run_id, "version": unchanged.version, "promoted": False,
+            "reason": reason, "skipped": True, "decision_detector": unchanged.decision_detector,
+            "image_auroc": {key.removesuffix(suffix): value for key, value in unchanged.metrics.items()
+                            if key.endswith(suffix)}}
+
+
+def _rebuild(config: LineConfig, run: StartedRun, data: LineData,
+             started: float) -> tuple[GateOutcome, Evaluation, dict[str, float]]:
     detectors = set(config.evaluation.detectors)
     calibration_set, test_set, extra = {}, {}, {}
     bank = autoencoder = sdn = None

@@ -250,7 +250,14 @@ def _with_detectors(config: LineConfig, detectors: str | None) -> LineConfig:
     return config.model_copy(update={"evaluation": evaluation})
 
 
+ForceOption = Annotated[bool, typer.Option(
+    help="Rebuild even a line whose images and model settings equal its champion's (default: skip it).")]
+
+
 def _print_rebuild(result: dict) -> None:
+    if result["skipped"]:
+        typer.echo(f"{result['line']}: {result['reason']}")
+        return
     typer.echo(f"{result['line']}: image AUROC " + ", ".join(
         f"{name} {value:.4f}" for name, value in result["image_auroc"].items()))
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
@@ -263,6 +270,7 @@ def rebuild_command(
     line: LineArg, detectors: DetectorsOption = None,
     wait: Annotated[bool, typer.Option(help="When a rebuild of this line is running: wait for it to end, "
                                             "or (--no-wait) stop at once, naming it.")] = True,
+    force: ForceOption = False,
 ) -> None:
     """Rebuild one product line now: features, coreset, OE-SDN, evaluation, MLflow, gate."""
     _require_home()
@@ -270,7 +278,7 @@ def rebuild_command(
 
     config = _with_detectors(_load(line), detectors)
     with _prefect_api():
-        state = rebuild_product_line(config, wait, return_state=True)
+        state = rebuild_product_line(config, wait, force, return_state=True)
     if not state.is_completed():
         _fail(RuntimeError(f"rebuild of {config.name} failed: {state.message}"))
     _print_rebuild(state.result())
@@ -279,13 +287,14 @@ def rebuild_command(
 @app.command("nightly")
 def nightly_command(
     lines: Annotated[list[str] | None, typer.Argument(help="Lines to rebuild; default: every configured line.")] = None,
+    force: ForceOption = False,
 ) -> None:
     """Rebuild every configured line (or the given ones); one line's failure does not stop the others."""
     _require_home()
     from patchline.flows.nightly import nightly
 
     with _prefect_api():
-        state = nightly(lines or None, return_state=True)
+        state = nightly(lines or None, force, return_state=True)
     summary = state.result(raise_on_failure=False)
     summary = summary if isinstance(summary, dict) else {}
     for result in summary.get("rebuilt", {}).values():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import urllib.error
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -110,6 +113,20 @@ def config_params(config: LineConfig) -> dict[str, str]:
 
     walk("", config.model_dump(mode="json"))
     return flat
+
+
+DATA_FINGERPRINT_TAG = "patchline.data_fingerprint"
+MODEL_CONFIG_TAG = "patchline.model_config_fingerprint"
+# Settings that say when, where or how a line is rebuilt and described, not which model it gets.
+_NOT_MODEL_SETTINGS = ("description", "schedule", "dask_address")
+
+
+def model_config_fingerprint(config: LineConfig) -> str:
+    """Changes whenever a setting that shapes the model changes, or patchline's version does."""
+    settings = {key: value for key, value in config_params(config).items()
+                if key.split(".")[0] not in _NOT_MODEL_SETTINGS}
+    text = json.dumps({"patchline": version("patchline"), **settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 KILLED_TAG = "patchline.killed"

@@ -26,11 +26,14 @@ from patchline.storage.pyfunc_model import log_line_model
 from patchline.storage.registry import (
     GateDecision, GateEvidence, apply_gate, champion_version, decide_promotion, recent_champions, register_version,
     registered_model_name)
-from patchline.storage.tracking import config_params, configure_mlflow, ensure_tracking_reachable, line_experiment_id
+from patchline.storage.tracking import (
+    DATA_FINGERPRINT_TAG, MODEL_CONFIG_TAG, config_params, configure_mlflow, ensure_tracking_reachable,
+    line_experiment_id, model_config_fingerprint)
 from patchline.tasks.evaluate import Evaluation
 from patchline.tasks.ingest import LineData
 
 TEST_FINGERPRINT_TAG = "patchline.test_fingerprint"
+SKIPPED_TAG = "patchline.skipped"
 MLFLOW_UI_ENV = "PATCHLINE_MLFLOW_UI_URL"
 
 
@@ -41,6 +44,16 @@ class StartedRun:
     run_id: str
     experiment_id: str
     work_dir: Path
+
+
+@dataclass(frozen=True)
+class UnchangedChampion:
+    """The champion a rebuild would reproduce: built from the same images with the same model settings."""
+
+    version: str
+    run_id: str
+    metrics: dict[str, float]
+    decision_detector: str
 
 
 @dataclass(frozen=True)
@@ -68,10 +81,40 @@ def start_run_task(config: LineConfig, flow_run_id: str | None) -> StartedRun:
     client = configure_mlflow()
     experiment_id = line_experiment_id(client, config.name)
     run = client.create_run(experiment_id, run_name=f"rebuild-{config.name}",
-                            tags={"patchline.line": config.name, "prefect.flow_run_id": str(flow_run_id)})
+                            tags={"patchline.line": config.name, "prefect.flow_run_id": str(flow_run_id),
+                                  MODEL_CONFIG_TAG: model_config_fingerprint(config)})
     params = config_params(config)
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
     return StartedRun(run.info.run_id, experiment_id, work_folders(config.name) / run.info.run_id)
+
+
+@task(name="find-unchanged-champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def find_unchanged_champion_task(config: LineConfig, data: LineData) -> UnchangedChampion | None:
+    """The champion, when its run saw exactly these images (and labels) with these model settings."""
+    client = configure_mlflow()
+    champion = champion_version(client, config.name)
+    if champion is None:
+        return None
+    run = client.get_run(champion.run_id)
+    if run.data.tags.get(DATA_FINGERPRINT_TAG) != data.manifest.fingerprint() or \
+            run.data.tags.get(MODEL_CONFIG_TAG) != model_config_fingerprint(config):
+        return None
+    return UnchangedChampion(str(champion.version), champion.run_id, dict(run.data.metrics),
+                             run.data.tags.get("patchline.decision_detector", ""))
+
+
+@task(name="record-skip", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def record_skip_task(run: StartedRun, data: LineData, unchanged: UnchangedChampion) -> str:
+    """Tag the run as a skip that names the champion it left in place; returns the reason."""
+    reason = (f"unchanged since v{unchanged.version}: same images and model settings as its run "
+              f"{unchanged.run_id}; not rebuilt (force rebuilds anyway)")
+    client = configure_mlflow()
+    client.set_tag(run.run_id, DATA_FINGERPRINT_TAG, data.manifest.fingerprint())
+    client.set_tag(run.run_id, SKIPPED_TAG, reason)
+    create_markdown_artifact(markdown=f"# Rebuild of `{data.manifest.line}`\n\n**Skipped:** {reason}.",
+                             key=f"rebuild-{data.manifest.line}", description=f"Rebuild of {data.manifest.line}: skipped")
+    get_run_logger().info("%s: %s", data.manifest.line, reason)
+    return reason
 
 
 @task(name="finish-mlflow-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -101,7 +144,7 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
             batch += [Metric(f"loss_{network}_{series}", float(v), now, step) for step, v in enumerate(values)]
     for start in range(0, len(batch), 900):  # MLflow caps one batch at 1,000 metrics
         client.log_batch(run_id, metrics=batch[start:start + 900])
-    client.set_tag(run_id, "patchline.data_fingerprint", data.manifest.fingerprint())
+    client.set_tag(run_id, DATA_FINGERPRINT_TAG, data.manifest.fingerprint())
     client.set_tag(run_id, TEST_FINGERPRINT_TAG, test_fingerprint(data))
     client.set_tag(run_id, "patchline.best_detector", evaluation.best)
     client.set_tag(run_id, "patchline.decision_detector", evaluation.calibration.decision_detector)

@@ -21,7 +21,7 @@ from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from patchline.models.config import (
-    ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig)
+    ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig, ScheduleConfig)
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.ingest import build_manifest
 from patchline.storage.line_config import save_line
@@ -193,15 +193,25 @@ def test_a_failed_rebuild_leaves_the_registry_untouched(first_rebuild, tmp_path)
     assert failed[0].info.status == "FAILED" and "bad.png" in failed[0].data.tags["patchline.error"]
 
 
-def test_nightly_survives_a_broken_line(first_rebuild, tmp_path):
+def test_nightly_skips_an_unchanged_line_and_survives_a_broken_one(first_rebuild, tmp_path):
     from patchline.flows.nightly import nightly
+    from patchline.tasks.tracking import SKIPPED_TAG
 
-    good = save_line(tiny_config(), tmp_path / f"{LINE}.yaml")
+    client = configure_mlflow()
+    # Another schedule and description change when the line is rebuilt, not the model it gets.
+    unchanged = tiny_config(description="same line, new words", schedule=ScheduleConfig(cron="30 3 * * *"))
+    good = save_line(unchanged, tmp_path / f"{LINE}.yaml")
     query = f"name = '{registered_model_name(LINE)}'"
-    before = len(configure_mlflow().search_model_versions(query))
+    before = len(client.search_model_versions(query))
+    champion = champion_version(client, LINE).version
     state = nightly([str(good), str(broken_line(tmp_path))], return_state=True)
     assert state.is_failed() and state.message.endswith("1 of 2 lines failed: broken")
-    assert len(configure_mlflow().search_model_versions(query)) == before + 1
+    result = state.result(raise_on_failure=False)["rebuilt"][LINE]
+    assert result["skipped"] and result["reason"].startswith(f"unchanged since v{champion}: same images")
+    assert result["image_auroc"]["patchcore"] == client.get_run(first_rebuild["run_id"]).data.metrics["patchcore_image_auroc"]
+    assert len(client.search_model_versions(query)) == before and champion_version(client, LINE).version == champion
+    skip = client.get_run(result["run_id"])
+    assert skip.info.status == "FINISHED" and skip.data.tags[SKIPPED_TAG] == result["reason"]
 
 
 def test_deployments_carry_each_lines_cron(home):
@@ -278,7 +288,7 @@ def test_cli_nightly_promote_and_rollback(first_rebuild, tmp_path):
 
     runner = CliRunner()
     good = save_line(tiny_config(), tmp_path / f"{LINE}.yaml")
-    result = runner.invoke(app, ["nightly", str(good), str(broken_line(tmp_path))])
+    result = runner.invoke(app, ["nightly", "--force", str(good), str(broken_line(tmp_path))])
     assert result.exit_code == 1
     assert f"{LINE}: image AUROC patchcore" in result.output and "broken: FAILED" in result.output
     client = configure_mlflow()
