@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from patchline.storage.paths import HomeNotWritableError, configure_environment, ensure_writable_home
+from patchline.storage.paths import NotWritableError, configure_environment, ensure_writable, ensure_writable_home
 
 configure_environment()
 
@@ -36,7 +36,14 @@ def _require_home() -> None:
     """Commands that keep state check the home first: one line naming the folder, not a traceback later."""
     try:
         ensure_writable_home()
-    except HomeNotWritableError as error:
+    except NotWritableError as error:
+        _fail(error)
+
+
+def _require_writable(folder: Path, option: str) -> None:
+    try:
+        ensure_writable(folder, option, "choose a folder you can write")
+    except NotWritableError as error:
         _fail(error)
 
 
@@ -135,6 +142,8 @@ def ingest_command(
     out: Annotated[Path | None, typer.Option(help="Also write each manifest as <out>/<line>.csv.")] = None,
 ) -> None:
     """Discover, decode and validate a line's images and print the manifest summary."""
+    if out is not None:
+        _require_writable(out, "--out")
     for line in lines or list(bundled_line_files()):
         config = _load(line)
         try:
@@ -162,6 +171,7 @@ def init_line_command(
     if not (mvtec_root / "train" / "good").is_dir():
         _fail(MvtecLayoutError(f"{mvtec_root / 'train' / 'good'}: missing; expected the MVTec AD layout"))
     target = out or Path(f"{name}.yaml")
+    _require_writable(target.resolve().parent, "--out")
     if target.exists() and not force:
         _fail(FileExistsError(f"{target} exists; it may hold your edits, so it is left as it is (--force "
                               "overwrites it)"))
@@ -320,6 +330,7 @@ def score_command(
     from patchline.flows.score import score_images
 
     name = _load(line).name
+    _require_writable(out, "--out")
     try:
         with _prefect_api():
             csv_path = score_images(name, [str(p) for p in paths], str(out), recursive=recursive)

@@ -18,8 +18,8 @@ _OFFLINE_ENV = {
 }
 
 
-class HomeNotWritableError(RuntimeError):
-    """`PATCHLINE_HOME` (or a folder in it) cannot be written; the message names it."""
+class NotWritableError(RuntimeError):
+    """A folder patchline must write to cannot be written; the message names it and what it is for."""
 
 
 def home_path() -> Path:
@@ -34,22 +34,27 @@ def patchline_home() -> Path:
     return home
 
 
+def ensure_writable(folder: Path, what: str, remedy: str) -> Path:
+    """`folder`, created if need be, once it took a probe file; else one error naming it, what it is
+    for and what to do."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise NotWritableError(f"{what}: cannot write to {folder} ({error.strerror or error}); {remedy}") from None
+    return folder
+
+
 def ensure_writable_home() -> Path:
-    """The home, once it and each folder directly in it took a file; else one error naming the folder.
+    """The home, once it and each folder directly in it are writable.
 
     A read-only home otherwise fails deep inside Prefect's and MLflow's SQLite code, with a traceback each.
     """
-    home = home_path()
-    folder = home
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        for folder in [home, *sorted(child for child in home.iterdir() if child.is_dir())]:
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-    except OSError as error:
-        raise HomeNotWritableError(
-            f"PATCHLINE_HOME: cannot write to {folder} ({error.strerror or error}); make it writable or set "
-            "PATCHLINE_HOME to a folder you can write") from None
+    remedy = "make it writable or set PATCHLINE_HOME to a folder you can write"
+    home = ensure_writable(home_path(), "PATCHLINE_HOME", remedy)
+    for folder in sorted(child for child in home.iterdir() if child.is_dir()):
+        ensure_writable(folder, "PATCHLINE_HOME", remedy)
     return home
 
 

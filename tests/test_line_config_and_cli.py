@@ -154,3 +154,23 @@ def test_every_command_has_help():
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
 
+
+
+def test_an_unwritable_out_folder_is_named_before_any_work(tmp_path, mvtec_root):
+    config_path = tmp_path / "widget.yaml"
+    runner.invoke(app, ["init-line", "widget", "--mvtec-root", str(mvtec_root), "--out", str(config_path)])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    env = {**os.environ, "PATCHLINE_HOME": str(tmp_path / "home")}
+    try:
+        for command, folder in ((["init-line", "w", "--mvtec-root", str(mvtec_root), "--out", str(locked / "w.yaml")],
+                                 locked),
+                                (["score", str(config_path), str(mvtec_root), "--out", str(locked / "scores")],
+                                 locked / "scores")):
+            result = subprocess.run([*without_root_override(), PATCHLINE, *command], env=env, capture_output=True,
+                                    text=True, timeout=120)
+            assert result.returncode == 2 and result.stderr.splitlines() == [
+                f"error: --out: cannot write to {folder} (Permission denied); choose a folder you can write"], result.stderr
+    finally:
+        locked.chmod(0o755)
