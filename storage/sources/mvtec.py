@@ -6,7 +6,8 @@
 
 Every entry of these folders is either used or reported with the reason: bad files (unreadable,
 not an image, links that lead nowhere, entries that are not files) as problems, which a line with
-`on_bad_input: fail` stops on, and hidden entries (names starting with ".") as ignored.
+`on_bad_input: fail` stops on; hidden entries (names starting with ".") and entries outside the
+layout (files at the root, `train/<anything but good>/`) as ignored.
 """
 
 from __future__ import annotations
