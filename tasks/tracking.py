@@ -107,7 +107,7 @@ def find_unchanged_champion_task(config: LineConfig, data: LineData) -> Unchange
 def record_skip_task(run: StartedRun, data: LineData, unchanged: UnchangedChampion) -> str:
     """Tag the run as a skip that names the champion it left in place; returns the reason."""
     reason = (f"unchanged since v{unchanged.version}: same images and model settings as its run "
-              f"{unchanged.run_id}; not rebuilt (force rebuilds anyway)")
+              f"{unchanged.run_id}; not rebuilt (--force, or the flow parameter force, rebuilds anyway)")
     client = configure_mlflow()
     client.set_tag(run.run_id, DATA_FINGERPRINT_TAG, data.manifest.fingerprint())
     client.set_tag(run.run_id, SKIPPED_TAG, reason)
