@@ -78,6 +78,9 @@ def _raised_on_purpose(error: BaseException) -> bool:
         frame.tb_frame.f_globals.get("__name__", "").startswith("patchline.")
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 class _MessageOnlyForInputErrors(logging.Formatter):
     """Prefect logs a failed task's exception with its traceback; for bad input the message is the news."""
 
@@ -91,11 +94,11 @@ class _MessageOnlyForInputErrors(logging.Formatter):
 def _setup(verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Debug logging, Prefect's, MLflow's and Dask's INFO lines included.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=_LOG_FORMAT)
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_RunMessagesOnly())
-            handler.setFormatter(_MessageOnlyForInputErrors(handler.formatter._fmt if handler.formatter else None))
+            handler.setFormatter(_MessageOnlyForInputErrors(_LOG_FORMAT))
         # MLflow logs through a handler of its own (database migrations, artifact uploads), set up when
         # it is imported, at the level this variable names; `mlflow models serve` children inherit it.
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
