@@ -195,6 +195,15 @@ def test_train_folder_with_only_bad_files_is_fatal_and_names_them(mvtec_root):
     assert "only.png: empty file (0 bytes)" in str(caught.value)
 
 
+def test_the_mask_of_an_image_left_out_is_listed_too(mvtec_root):
+    image = mvtec_root / "test" / "scratch" / "001.png"
+    image.write_bytes(b"")
+    manifest = build_manifest(mvtec_line(mvtec_root, on_bad_input="skip"))
+    assert [(item.path, item.reason) for item in manifest.skipped] == [(str(image), "empty file (0 bytes)")]
+    assert [(item.path, item.reason) for item in manifest.ignored] == [
+        (str(mvtec_root / "ground_truth" / "scratch" / "001_mask.png"), "mask of an image left out (test/scratch/001.*)")]
+
+
 def test_hidden_entries_are_reported_as_ignored_not_as_bad_input(mvtec_root):
     (mvtec_root / "train" / "good" / ".DS_Store").write_bytes(b"finder")
     (mvtec_root / "test" / ".thumbs").mkdir()

@@ -37,6 +37,8 @@ class _Scan:
         self.result = SourceScan([], [], [])
         self.first_seen: dict[str, str] = {}
         self.test_stems: dict[str, set[str]] = {}
+        # Masks used with their image, or reported as a problem with it.
+        self.masks_seen: set[Path] = set()
 
     def problem(self, path: Path | str, reason: str) -> None:
         self.result.problems.append(SkippedFile(str(path), reason))
@@ -134,6 +136,8 @@ class _Scan:
             self.problem(error.path, error.reason)
             return
         if mask is not None:
+            self.masks_seen.add(mask)
+        if mask is not None:
             try:
                 marked = decode_mask(mask)
                 if marked.shape != pixels.shape[:2]:
@@ -149,6 +153,7 @@ class _Scan:
         image_id = content_hash(pixels)
         if image_id in self.first_seen:
             self.problem(path, f"duplicate image: same pixels as {self.first_seen[image_id]}")
+            self.masks_seen.discard(mask)
             return
         self.first_seen[image_id] = str(path)
         self.result.rows.append(ManifestRow(
@@ -168,7 +173,12 @@ class _Scan:
                 continue
             for mask in self.files(self.entries(truth_dir / folder)):
                 stem = mask.stem.removesuffix("_mask")
+                if mask in self.masks_seen:
+                    continue
                 if mask.suffix.lower() != ".png" or not mask.stem.endswith("_mask"):
                     self.problem(mask, "not a mask name: masks are named <image name>_mask.png")
                 elif stem not in self.test_stems[folder]:
                     self.problem(mask, f"mask without an image: no test/{folder}/{stem}.* exists")
+                else:
+                    self.result.ignored.append(SkippedFile(str(mask), f"mask of an image left out "
+                                                                      f"(test/{folder}/{stem}.*)"))
