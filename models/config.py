@@ -194,6 +194,8 @@ GATE_METRICS: dict[str, Literal["higher", "lower"]] = {
     "image_auroc": "higher", "image_f1_max": "higher", "pixel_auroc": "higher", "aupro_30": "higher",
     "fpr_at_threshold": "lower", "miss_rate_at_threshold": "lower",
 }
+# The gate metrics measured on anomaly maps against ground-truth masks.
+MASK_METRICS = ("pixel_auroc", "aupro_30")
 
 
 class PromotionConfig(_Strict):

@@ -198,7 +198,6 @@ def ui_command(
     _require_home()
     from patchline.deployments.services import ServiceError, block_until_one_exits, running_uis
 
-
     # SIGTERM (`kill`, a service manager) takes the same clean path as Ctrl-C; SIGINT is set explicitly
     # because a shell that starts us in the background leaves it ignored.
     signal.signal(signal.SIGINT, _interrupt)

@@ -51,6 +51,16 @@ def max_image_pixels() -> int:
     return limit
 
 
+def folder_entries(folder: Path) -> list[str]:
+    """The names in `folder`, sorted; a `BadImageError` naming the folder when it cannot be listed."""
+    try:
+        return sorted(os.listdir(folder))
+    except PermissionError:
+        raise BadImageError(folder, "permission denied: the folder cannot be listed") from None
+    except OSError as error:
+        raise BadImageError(folder, f"the folder cannot be listed ({error.strerror or error})") from None
+
+
 def entry_problem(path: Path) -> str | None:
     """Why the folder entry `path` cannot be read as an image file, or None when it is a regular file."""
     try:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from patchline.models.config import LineConfig
+from patchline.models.config import MASK_METRICS, LineConfig
 from patchline.storage.manifest import MIN_GOOD_TRAIN_IMAGES, Manifest
 from patchline.storage.sources import READERS
 
 log = logging.getLogger(__name__)
-
-PIXEL_METRICS = ("pixel_auroc", "aupro_30")
 
 
 class IngestError(ValueError):
@@ -50,7 +48,7 @@ def requirements_missing(config: LineConfig, manifest: Manifest) -> list[str]:
         if not any(row.label == label for row in test):
             missing.append(f"the test split has no {what}: detectors are measured, and promotion gated, on a "
                            "test set of both good and defective parts")
-    if config.promotion.metric in PIXEL_METRICS and not any(row.mask for row in test):
+    if config.promotion.metric in MASK_METRICS and not any(row.mask for row in test):
         missing.append(f"promotion.metric {config.promotion.metric} is a pixel metric, but no test image has a "
                        "ground-truth mask (ground_truth/<defect>/<name>_mask.png)")
     return missing

@@ -44,7 +44,8 @@ def clear_killed_runs_task(config: LineConfig, killed_flow_run_id: str | None) -
     for run_id in killed:
         log.warning("MLflow run %s of %s was left RUNNING by a killed rebuild: marked KILLED", run_id, config.name)
     # The lock holder is the line's only rebuild, so every work folder there now is a dead run's.
-    left = sorted(work_folders(config.name).glob("*")) if work_folders(config.name).is_dir() else []
+    folders = work_folders(config.name)
+    left = sorted(folders.iterdir()) if folders.is_dir() else []
     for folder in left:
         shutil.rmtree(folder, ignore_errors=True)
     if left:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from patchline.storage.image_files import BadImageError, decode_image
+from patchline.storage.image_files import BadImageError, decode_image, folder_entries
 from patchline.storage.plots import save_heatmap_overlay
 from patchline.storage.registry import champion_version, registered_model_name
 from patchline.storage.tracking import configure_mlflow
@@ -55,10 +54,9 @@ def expand_inputs(inputs: list[str], recursive: bool = False) -> list[ScoreInput
 
 def _add_folder(folder: Path, recursive: bool, found: list[tuple[Path, str | None]]) -> None:
     try:
-        names = sorted(os.listdir(folder))
-    except OSError as error:
-        found.append((folder, "permission denied: the folder cannot be listed" if isinstance(error, PermissionError)
-                      else f"the folder cannot be listed ({error.strerror or error})"))
+        names = folder_entries(folder)
+    except BadImageError as error:
+        found.append((folder, error.reason))
         return
     for name in names:
         path = folder / name

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from patchline.models.config import MvtecSource
 
-from patchline.storage.image_files import BadImageError, decode_image, decode_mask, entry_problem
+from patchline.storage.image_files import BadImageError, decode_image, decode_mask, entry_problem, folder_entries
 from patchline.storage.manifest import ManifestRow, SkippedFile, SourceScan, content_hash
 
 
@@ -56,15 +56,16 @@ class _Scan:
         self.report_unused(self.root, {"train", "test", "ground_truth"},
                            "not part of the MVTec layout (train/good/, test/, ground_truth/)")
         self.report_unused(self.root / "train", {"good"}, "training uses train/good/ only (images of good parts)")
-        train_files = self.files(self.entries(train_dir))
-        for path in train_files:
+        # Images go straight to `add`: decoding reports a bad entry with the same reason `files` would.
+        train_entries = self.entries(train_dir)
+        for path in train_entries:
             self.add(path, "train", "good", None)
         defects = self.defect_folders()
         for defect in defects:
             self.add_test_folder(defect)
         self.report_stray_masks(defects)
         if not any(row.split == "train" for row in self.result.rows):
-            if not train_files and not any(Path(p.path).parent == train_dir for p in self.result.problems):
+            if not train_entries:
                 raise MvtecLayoutError(f"{train_dir}: empty folder; training needs good images")
             listed = "\n".join(f"  {p.path}: {p.reason}" for p in self.result.problems
                                if Path(p.path).parent == train_dir)
@@ -74,12 +75,9 @@ class _Scan:
     def entries(self, folder: Path) -> list[Path]:
         """The visible entries of `folder`, sorted; hidden ones are reported as ignored."""
         try:
-            names = sorted(os.listdir(folder))
-        except PermissionError:
-            self.problem(folder, "permission denied: the folder cannot be listed")
-            return []
-        except OSError as error:
-            self.problem(folder, f"the folder cannot be listed ({error.strerror or error})")
+            names = folder_entries(folder)
+        except BadImageError as error:
+            self.problem(error.path, error.reason)
             return []
         visible = []
         for name in names:
@@ -95,7 +93,8 @@ class _Scan:
                 self.result.ignored.append(SkippedFile(str(path), reason))
 
     def files(self, entries: list[Path]) -> list[Path]:
-        """The regular files among a folder's entries; every other entry is a problem."""
+        """The regular files among a folder's entries (masks, which are decoded only with their image);
+        every other entry is a problem."""
         usable = []
         for path in entries:
             problem = entry_problem(path)
@@ -125,7 +124,7 @@ class _Scan:
         truth = self.root / "ground_truth" / defect
         entries = self.entries(self.root / "test" / defect)
         self.test_stems[defect] = {path.stem for path in entries}
-        for path in self.files(entries):
+        for path in entries:
             mask = truth / f"{path.stem}_mask.png"
             self.add(path, "test", defect, mask if defect != "good" and mask.is_file() else None)
 
