@@ -106,7 +106,7 @@ def main() -> None:
         ambiguous = [r for r in data.test if r.label == "ambiguous"]
         test = [r for r in data.test if r.label != "ambiguous"]
         stored = extract_features_task(config, data.manifest.rows)
-        bank = build_memory_bank_task(config, stored, data.fit, select_coreset_task(config, stored, data.fit))
+        bank = build_memory_bank_task(config, stored, select_coreset_task(config, stored, data.fit))
         groups = {"calibration": data.calibration, "test": test, "ambiguous": ambiguous}
         scores = {name: {"patchcore": score_patchcore_task(stored, bank, rows).scores,
                          "darkness": score_darkness_task(config, rows).scores}

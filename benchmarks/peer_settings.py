@@ -132,7 +132,7 @@ def main() -> None:
             selected = select_coreset_task.fn(config, stored, train)
             log.info("coreset of %d rows in %.1f s (%.1f CPU s, Dask workers included)", len(selected.coreset.indices),
                      selected.seconds, tree_cpu_s() - cpu_started - extract_cpu_s)
-            bank = build_memory_bank_task.fn(config, stored, train, selected)
+            bank = build_memory_bank_task.fn(config, stored, selected)
             detector = PatchCoreDetector(bank, device=torch.device("cpu"))
             detector.scorer  # the bank on the device, as a fitted model holds it
             fit_s, fit_cpu_s = time.perf_counter() - started, tree_cpu_s() - cpu_started

@@ -10,9 +10,10 @@ from patchline.tasks.lines import configured_lines, load_line_task
 
 
 @flow(name="nightly")
-def nightly(lines: list[str] | None = None, force: bool = False) -> State:
+def nightly(lines: list[str] | None = None, force: bool = False, full: bool = False) -> State:
     """Rebuild each line in turn; one line's failure does not stop the others, and the final state names it.
-    Lines unchanged since their champion are skipped, unless `force`."""
+    Lines unchanged since their champion are skipped, unless `force`; lines with only new good images are
+    updated from their champion, unless `full`."""
     log = get_run_logger()
     names = lines or configured_lines()
     results, failed = {}, {}
@@ -23,7 +24,7 @@ def nightly(lines: list[str] | None = None, force: bool = False) -> State:
             log.error("line %s: %s", name, failed[name])
             continue
         config = loaded.result()
-        state = rebuild_product_line(config, force=force, return_state=True)
+        state = rebuild_product_line(config, force=force, full=full, return_state=True)
         if state.is_completed():
             results[config.name] = state.result()
         else:

@@ -29,6 +29,9 @@ class ElpvSource(_Strict):
     seed: int = 42
     # Reading only part of the data keeps tests and smoke runs short; None = every image.
     limit_per_class: int | None = Field(None, ge=1)
+    # The leading share of the train normals (after limit_per_class): rehearses a line whose good images
+    # arrive over time, as benchmarks/incremental.py does; raising it adds images, keeping the others.
+    train_share: float = Field(1.0, gt=0, le=1)
 
 
 class MvtecSource(_Strict):

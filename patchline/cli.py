@@ -264,6 +264,9 @@ def _with_detectors(config: LineConfig, detectors: str | None) -> LineConfig:
 
 ForceOption = Annotated[bool, typer.Option(
     help="Rebuild even a line whose images and model settings equal its champion's (default: skip it).")]
+FullOption = Annotated[bool, typer.Option(
+    help="Rebuild from nothing even when only new good images arrived (default: grow the champion's bank "
+         "and warm-start its networks).")]
 
 
 def _print_rebuild(result: dict) -> None:
@@ -275,6 +278,8 @@ def _print_rebuild(result: dict) -> None:
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"  version {result['version']} {verdict}: {result['reason']}")
     typer.echo(f"  decisions by: {result['decision_detector']}; MLflow run {result['run_id']}")
+    for part, note in result["reuse"].items():
+        typer.echo(f"  {part}: {note}")
 
 
 @app.command("rebuild")
@@ -282,7 +287,7 @@ def rebuild_command(
     line: LineArg, detectors: DetectorsOption = None,
     wait: Annotated[bool, typer.Option(help="When a rebuild of this line is running: wait for it to end, "
                                             "or (--no-wait) stop at once, naming it.")] = True,
-    force: ForceOption = False,
+    force: ForceOption = False, full: FullOption = False,
 ) -> None:
     """Rebuild one product line now: features, coreset, OE-SDN, evaluation, MLflow, gate."""
     _require_home()
@@ -290,7 +295,7 @@ def rebuild_command(
 
     config = _with_detectors(_load(line), detectors)
     with _prefect_api():
-        state = rebuild_product_line(config, wait, force, return_state=True)
+        state = rebuild_product_line(config, wait, force, full, return_state=True)
     if not state.is_completed():
         _fail(RuntimeError(f"rebuild of {config.name} failed: {state.message}"))
     _print_rebuild(state.result())
@@ -299,14 +304,14 @@ def rebuild_command(
 @app.command("nightly")
 def nightly_command(
     lines: Annotated[list[str] | None, typer.Argument(help="Lines to rebuild; default: every configured line.")] = None,
-    force: ForceOption = False,
+    force: ForceOption = False, full: FullOption = False,
 ) -> None:
     """Rebuild every configured line (or the given ones); one line's failure does not stop the others."""
     _require_home()
     from patchline.flows.nightly import nightly
 
     with _prefect_api():
-        state = nightly(lines or None, force, return_state=True)
+        state = nightly(lines or None, force, full, return_state=True)
     summary = state.result(raise_on_failure=False)
     summary = summary if isinstance(summary, dict) else {}
     for result in summary.get("rebuilt", {}).values():

@@ -111,14 +111,25 @@ class Manifest:
 
 
 def hold_out_calibration(rows: list[ManifestRow], fraction: float, seed: int = 0) -> tuple[list[ManifestRow], list[ManifestRow]]:
-    """Good training rows → (fit, calibration): a seeded `fraction` (at least two rows) that no model sees.
+    """Good training rows → (fit, calibration): about `fraction` of them (at least two) that no model sees.
 
     Scores of images a model was fitted on are biased low (PatchCore's bank holds their own patches),
-    so thresholds and fusion statistics come from these held-out good images instead.
+    so thresholds and fusion statistics come from these held-out good images instead. A row is held out
+    when a seeded hash of its id falls below `fraction`, so an image keeps its role as the line grows:
+    an incremental rebuild can add new images to the champion's fit set without moving old ones.
     """
     if len(rows) < MIN_GOOD_TRAIN_IMAGES:
         raise ValueError(f"need at least {MIN_GOOD_TRAIN_IMAGES} good training images to hold some out for calibration, got {len(rows)}")
-    count = min(len(rows) - 2, max(2, round(len(rows) * fraction)))
-    order = np.random.default_rng(seed).permutation(len(rows))
-    held = set(order[:count].tolist())
-    return ([row for i, row in enumerate(rows) if i not in held], [row for i, row in enumerate(rows) if i in held])
+    draws = np.array([_uniform_draw(row.id, seed) for row in rows])
+    held = draws < fraction
+    # Few rows can leave fewer than two on either side; then the rank of the draw decides.
+    if not 2 <= held.sum() <= len(rows) - 2:
+        held = np.zeros(len(rows), bool)
+        held[np.argsort(draws, kind="stable")[:min(len(rows) - 2, max(2, round(len(rows) * fraction)))]] = True
+    return [row for row, h in zip(rows, held) if not h], [row for row, h in zip(rows, held) if h]
+
+
+def _uniform_draw(row_id: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the row id and the seed."""
+    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64

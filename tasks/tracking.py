@@ -30,10 +30,12 @@ from patchline.storage.tracking import (
     DATA_FINGERPRINT_TAG, MODEL_CONFIG_TAG, config_params, configure_mlflow, ensure_tracking_reachable,
     line_experiment_id, model_config_fingerprint)
 from patchline.tasks.evaluate import Evaluation
+from patchline.tasks.incremental import write_fit_ids
 from patchline.tasks.ingest import LineData
 
 TEST_FINGERPRINT_TAG = "patchline.test_fingerprint"
 SKIPPED_TAG = "patchline.skipped"
+REUSE_TAG = "patchline.incremental"
 MLFLOW_UI_ENV = "PATCHLINE_MLFLOW_UI_URL"
 
 
@@ -61,6 +63,12 @@ class GateOutcome:
     version: str
     decision: GateDecision
     champion: str | None
+
+
+def reuse_tags(reuse: dict[str, str]) -> dict[str, str]:
+    """Run tags of what a rebuild reused, by part: `patchline.incremental` for the rebuild as a whole,
+    `patchline.incremental.<part>` for the bank and each network."""
+    return {REUSE_TAG if part == "rebuild" else f"{REUSE_TAG}.{part}": note for part, note in reuse.items()}
 
 
 def test_fingerprint(data: LineData) -> str:
@@ -131,8 +139,9 @@ def finish_run_task(run: StartedRun, error: str | None = None) -> None:
 @task(name="log-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation: Evaluation,
                      histories: dict[str, dict[str, list[float]]], extra_metrics: dict[str, float],
-                     bundle: Path, work_dir: Path) -> str:
-    """Metrics, loss curves, plots, manifest, config and the pyfunc model; returns the model URI."""
+                     reuse: dict[str, str], bundle: Path, work_dir: Path) -> str:
+    """Metrics, loss curves, plots, manifest (and the fit images' ids), config, what was reused of the
+    champion (`reuse_tags`) and the pyfunc model; returns the model URI."""
     client = configure_mlflow()
     started = time.perf_counter()
     now = int(time.time() * 1000)
@@ -148,9 +157,12 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
     client.set_tag(run_id, TEST_FINGERPRINT_TAG, test_fingerprint(data))
     client.set_tag(run_id, "patchline.best_detector", evaluation.best)
     client.set_tag(run_id, "patchline.decision_detector", evaluation.calibration.decision_detector)
+    for tag, note in reuse_tags(reuse).items():
+        client.set_tag(run_id, tag, note[:5000])
     data.manifest.write_csv(work_dir / "manifest.csv")
     save_line(config, work_dir / "line_config.yaml")
-    for path in [work_dir / "manifest.csv", work_dir / "manifest.skipped.csv", work_dir / "line_config.yaml"]:
+    for path in [work_dir / "manifest.csv", work_dir / "manifest.skipped.csv", work_dir / "line_config.yaml",
+                 write_fit_ids(data, work_dir)]:
         client.log_artifact(run_id, str(path), "data")
     for path in evaluation.plots:
         client.log_artifact(run_id, str(path), "plots")
@@ -230,8 +242,9 @@ def _rescored_auroc(champion, data: LineData) -> float:
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evaluation, outcome: GateOutcome,
-                         timings: dict[str, float]) -> None:
-    """The Prefect markdown artifact: metrics per detector, the gate's decision, and the MLflow links."""
+                         timings: dict[str, float], reuse: dict[str, str]) -> None:
+    """The Prefect markdown artifact: metrics per detector, the gate's decision, what was reused of the
+    champion, and the MLflow links."""
     ui = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
     columns = ["image_auroc", "image_f1_max", "threshold", "fpr_at_threshold", "miss_rate_at_threshold",
                "pixel_auroc", "aupro_30"]
@@ -244,6 +257,7 @@ def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evalua
         f"# Rebuild of `{config.name}`", "",
         "| detector | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|", *rows, "",
         f"**Gate:** version {outcome.version} {verdict}. {outcome.decision.reason}", "",
+        "**Reused of the champion:**", *(f"- {part}: {note}" for part, note in reuse.items()), "",
         f"- MLflow run: {ui}/#/experiments/{run.experiment_id}/runs/{run.run_id}",
         f"- Model version: {ui}/#/models/{registered_model_name(config.name)}/versions/{outcome.version}",
         "", "Stage times (s): " + ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.1f}"

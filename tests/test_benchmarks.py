@@ -45,6 +45,7 @@ NOT_RUN_HERE = {
     "elpv": "a whole rebuild flow (Prefect, MLflow, training): too slow here even with --set source.limit_per_class",
     "fusion_weights": "the rebuild's Prefect tasks on a whole bundled ELPV line; no flag reads less",
     "gpu_check": "needs a CUDA device",
+    "incremental": "four rebuild flows of a whole bundled ELPV line; tests/test_incremental.py runs them on a tiny one",
     "oesdn": "run on tiny settings by tests/test_oesdn_benchmark.py",
     "patchcore_sweep": "extracts features of every image of the issue-10 split; no flag reads less",
     "peer_settings": "checks the issue-10 split's counts, so it always reads a whole line",

@@ -11,8 +11,8 @@ import pytest
 import torch
 from distributed import Client
 
-from patchline.models.patchcore.coreset import (coreset_size, coverage_radius, coverage_radius_dask, greedy_coreset,
-                            greedy_coreset_dask, project_features)
+from patchline.models.patchcore.coreset import (coreset_size, coverage_radius, coverage_radius_dask, extend_coreset,
+                                                greedy_coreset, greedy_coreset_dask, project_features)
 from patchline.storage.dask_cluster import ADDRESS_ENV, dask_client
 
 CPU = torch.device("cpu")
@@ -125,6 +125,37 @@ def test_dask_coreset_radius_is_measured_in_the_projected_space(client: Client) 
     assert len(coreset.indices) == 90
     projected = project_features(rows, projection_dim=32, seed=4)
     assert coverage_radius(projected, coreset.indices, device=CPU) == pytest.approx(coreset.radius, rel=1e-5)
+
+
+def test_extended_coreset_covers_every_old_and_new_row_within_its_radius(client: Client) -> None:
+    """Merge-reduce: the old coreset's rows stay, new picks come from the new rows, farthest first; with
+    the old radius, the result covers old and new rows, and a far new cluster is picked before anything
+    else (the drift an incremental rebuild must notice)."""
+    rows = clustered(4000, 160, seed=7)
+    old, new = rows[:3000], rows[3000:].copy()
+    new[:40] += 25.0  # a new cluster far from every old row
+    base = greedy_coreset(old, 150, projection_dim=32, seed=2, device=CPU)
+    extended = extend_coreset(old[base.indices], da.from_array(new, chunks=(300, 160)), 50, projection_dim=32, seed=2,
+                              device=CPU)
+    assert len(extended.indices) == 50 and len(np.unique(extended.indices)) == 50
+    assert extended.indices.min() >= 0 and extended.indices.max() < len(new)
+    assert extended.indices[0] < 40, "the first pick is in the far new cluster"
+    projected = project_features(rows, projection_dim=32, seed=2)
+    centres = np.concatenate([base.indices, 3000 + extended.indices])
+    new_rows = np.concatenate([projected[3000:], projected[base.indices]])
+    assert coverage_radius(new_rows, np.concatenate([extended.indices, 1000 + np.arange(150)]), device=CPU) \
+        == pytest.approx(extended.radius, rel=1e-5)
+    together = coverage_radius(projected, centres, device=CPU)
+    assert together <= max(base.radius, extended.radius) * (1 + 1e-5)
+    # The old rows keep their centres, so they are covered exactly as before.
+    assert coverage_radius(np.concatenate([projected[:3000], projected[3000 + extended.indices]]),
+                           np.concatenate([base.indices, 3000 + np.arange(50)]), device=CPU) \
+        <= base.radius * (1 + 1e-5)
+    untouched = extend_coreset(old[base.indices], da.from_array(new, chunks=(300, 160)), 0, projection_dim=32, seed=2,
+                               device=CPU)
+    assert len(untouched.indices) == 0 and untouched.radius > 10.0, "without picks the far cluster stays uncovered"
+    with pytest.raises(ValueError, match="picks must be in"):
+        extend_coreset(old[base.indices], da.from_array(new, chunks=(300, 160)), len(new) + 1)
 
 
 def test_dask_coverage_radius_equals_the_in_memory_one_for_any_rows(client: Client) -> None:

@@ -15,6 +15,7 @@ from patchline.models.config import PatchCoreConfig
 from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
 from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.scoring.detection import Detections, gather_detections
+from patchline.storage.nearest_cache import KEEP, NearestCache, bank_digest
 from patchline.storage.sources.elpv import elpv_arrays
 
 CPU = torch.device("cpu")
@@ -70,6 +71,43 @@ def test_knn_equals_brute_force() -> None:
     distances, indices = scorer.nearest(queries, k=5)
     assert torch.equal(indices, order[:, :5])
     assert np.allclose(distances.numpy(), expected[:, :5].numpy(), rtol=1e-4)
+
+
+def test_a_grown_bank_scores_like_a_fresh_search_from_its_kept_distances(tmp_path: Path) -> None:
+    """Distances kept for the champion's bank (the grown bank's first rows) plus a search of the added rows
+    give the scores and maps of a search of the whole grown bank; the kept distances go through the
+    cache's files."""
+    rng = np.random.default_rng(4)
+    bank = rng.standard_normal((2300, 24)).astype(np.float32)
+    features = rng.standard_normal((3, 8 * 8, 24)).astype(np.float32) * 1.3
+    champion, grown = _scorer(bank[:1800]), _scorer(bank)
+    cache = NearestCache(tmp_path / "nearest")
+    kept = champion.distances(champion.checked(features, (8, 8))).numpy()
+    cache.save(bank_digest(bank[:1800]), {f"image{i}": row for i, row in enumerate(kept)})
+    loaded = cache.load(bank_digest(bank[:1800]))
+    prior = (np.stack([loaded[f"image{i}"] for i in range(3)]), 1800)
+    patches = grown.checked(features, (8, 8))
+    updated = grown.detections(patches, grown.distances(patches, prior), (8, 8), 16)
+    fresh = grown.score(features, (8, 8), 16)
+    np.testing.assert_allclose(updated.scores, fresh.scores, rtol=1e-5)
+    np.testing.assert_allclose(updated.maps, fresh.maps, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(champion.score(features, (8, 8), 16).maps, fresh.maps), "the added rows matter here"
+
+
+def test_the_nearest_cache_merges_prunes_and_ignores_broken_files(tmp_path: Path) -> None:
+    cache = NearestCache(tmp_path)
+    assert cache.load("nothing") == {}
+    cache.save("bank0", {"a": np.zeros(4, np.float32)})
+    cache.save("bank0", {"b": np.ones(4, np.float32)})
+    assert sorted(cache.load("bank0")) == ["a", "b"]
+    (tmp_path / "broken.safetensors").write_bytes(b"not a file of distances")
+    assert cache.load("broken") == {}
+    (tmp_path / ".writing-killed.safetensors").write_bytes(b"half")
+    for i in range(1, KEEP + 2):
+        cache.save(f"bank{i}", {"a": np.full(4, i, np.float32)})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(f"bank{i}.safetensors" for i in range(2, KEEP + 2)), left
+    assert bank_digest(np.ones((2, 3), np.float32)) != bank_digest(np.ones((3, 2), np.float32))
 
 
 def test_memory_bank_round_trip_gives_identical_scores(tmp_path: Path) -> None:

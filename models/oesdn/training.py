@@ -58,27 +58,32 @@ def rotate_batch(batch: torch.Tensor, generator: torch.Generator,
     return rotated, turns
 
 
-def train_autoencoder(images: Sequence[np.ndarray], config: OeSdnConfig,
-                      device: torch.device | None = None) -> tuple[ConvAutoencoder, History]:
-    """Uint8 good images → the trained autoencoder (eval mode, on `device`) and its per-epoch losses."""
+def train_autoencoder(images: Sequence[np.ndarray], config: OeSdnConfig, device: torch.device | None = None,
+                      start: ConvAutoencoder | None = None) -> tuple[ConvAutoencoder, History]:
+    """Uint8 good images → the trained autoencoder (eval mode, on `device`) and its per-epoch losses.
+
+    `start` warm-starts from a trained autoencoder's weights (left as they are) instead of a seeded init."""
     device = device or pick_device()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = ConvAutoencoder(config.channels, config.ae_base_width, config.ae_latent_dim, config.image_size)
+    _warm_start(model, start)
 
     def batch_loss(batch: torch.Tensor, _: torch.Generator) -> dict[str, torch.Tensor]:
         return {"loss": dssim_mse(model(batch), batch)}
 
-    history = _fit(model, batch_loss, _as_batch(images, config), config, config.epochs, device, "autoencoder")
+    history = _fit(model, batch_loss, _as_batch(images, config), config, config.epochs, device, "autoencoder",
+                   warm=start is not None)
     return model, history
 
 
 def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config: OeSdnConfig,
-              oe_lambda: float | None = None,
-              device: torch.device | None = None) -> tuple[StyleDistillationNetwork, History]:
+              oe_lambda: float | None = None, device: torch.device | None = None,
+              start: StyleDistillationNetwork | None = None) -> tuple[StyleDistillationNetwork, History]:
     """Uint8 good images and the trained AE → the SDN (eval mode, on `device`) and its per-epoch losses.
 
-    `oe_lambda` overrides `config.oe_lambda`; 0 trains the SDN without outlier exposure.
+    `oe_lambda` overrides `config.oe_lambda`; 0 trains the SDN without outlier exposure. `start`
+    warm-starts from a trained SDN's weights (left as they are).
     """
     oe_lambda = config.oe_lambda if oe_lambda is None else oe_lambda
     if not 0.0 <= oe_lambda <= 1.0:
@@ -88,6 +93,7 @@ def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
         model = StyleDistillationNetwork(config.channels, config.sdn_base_width, config.image_size, config.sdn_depth)
+    _warm_start(model, start)
 
     def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -102,8 +108,19 @@ def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config
         return {"loss": (1 - oe_lambda) * kd + oe_lambda * oer, "kd": kd, "oer": oer}
 
     label = "oe-sdn" if oe_lambda else "sdn"
-    history = _fit(model, batch_loss, _as_batch(images, config), config, config.sdn_epochs, device, label)
+    history = _fit(model, batch_loss, _as_batch(images, config), config, config.sdn_epochs, device, label,
+                   warm=start is not None)
     return model, history
+
+
+def _warm_start(model: nn.Module, start: nn.Module | None) -> None:
+    """Copy `start`'s weights into `model`; the shapes must match (the same network settings)."""
+    if start is None:
+        return
+    try:
+        model.load_state_dict({key: value.detach().cpu() for key, value in start.state_dict().items()})
+    except RuntimeError as error:
+        raise ValueError(f"cannot warm-start a {type(model).__name__} from one of other settings: {error}") from error
 
 
 def _as_batch(images: Sequence[np.ndarray], config: OeSdnConfig) -> torch.Tensor:
@@ -127,9 +144,10 @@ def _augment(batch: torch.Tensor, config: OeSdnConfig, generator: torch.Generato
 
 
 def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: OeSdnConfig,
-         epochs: int, device: torch.device, label: str) -> History:
+         epochs: int, device: torch.device, label: str, warm: bool = False) -> History:
     """Adam on `batch_loss` until the held-out loss stops improving, `epochs` or `config.max_train_seconds`;
-    leaves the best epoch's weights in `model`."""
+    leaves the best epoch's weights in `model`. A `warm` model's own weights compete too (history
+    `start_val_loss`): training that never beats them on the held-out images leaves them as they were."""
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(data), generator=generator)
     held_out = min(len(data) - 1, round(len(data) * config.val_fraction)) if config.val_fraction else 0
@@ -141,6 +159,9 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
     history: History = {}
     # The weights kept are those of the last epoch that lowered the held-out loss by `min_improvement`.
     best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
+    if warm and len(val):
+        best_loss = _evaluate(model, batch_loss, val, config.batch_size, device, config.seed)["loss"]
+        history["start_val_loss"] = [best_loss]
     started = time.monotonic()
     stop = f"epoch cap {epochs}"
     progress = tqdm(range(epochs), desc=f"train {label}", disable=None, leave=False)

@@ -162,6 +162,46 @@ def coverage_radius_dask(features: da.Array, indices: Sequence[int] | np.ndarray
         return math.sqrt(_coverage(parts, list(local))[0])
 
 
+def extend_coreset(centres: np.ndarray, candidates: da.Array, picks: int, *,
+                   projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
+                   device: torch.device | None = None) -> Coreset:
+    """Greedy k-center continued from rows already chosen: `picks` rows of `candidates` (n, D), each the
+    candidate farthest from the `centres` (m, D) and from the earlier picks.
+
+    This is the farthest-first traversal of centres ∪ candidates whose first m picks are the centres:
+    the merge-reduce step that grows a coreset by new rows. Keeping every centre keeps whatever they
+    covered within the radius they covered it, so only the candidates are measured. Returns the picked
+    candidates (indices in pick order) and the radius over the candidates, in the projected space
+    `greedy_coreset_dask` with the same `seed` selects in. The candidates' distances to the centres are
+    computed block by block on the active Dask scheduler; the picks then run on one device.
+    """
+    if not isinstance(candidates, da.Array) or candidates.ndim != 2:
+        raise ValueError(f"candidates must be a 2-D dask array (rows, dim), got {type(candidates).__name__}")
+    _check_rows(centres, "centres")
+    if centres.shape[1] != candidates.shape[1]:
+        raise ValueError(f"centres have {centres.shape[1]} columns but candidates {candidates.shape[1]}")
+    if not 0 <= picks <= candidates.shape[0]:
+        raise ValueError(f"picks must be in [0, {candidates.shape[0]}] (the number of candidates), got {picks}")
+    device = device or pick_device()
+    matrix = jl_matrix(centres.shape[1], projection_dim, seed)
+    # One graph key for the projected centres, so a cluster ships them to each worker once.
+    projected = dask.delayed(_project_block(centres, matrix), pure=True)
+    blocks = candidates.rechunk({1: -1}).to_delayed().ravel()
+    measured = dask.compute(*[dask.delayed(_block_nearest_sq, pure=True)(block, matrix, projected) for block in blocks])
+    columns = torch.from_numpy(np.concatenate([rows for rows, _ in measured])).to(device).T.contiguous()
+    nearest_sq = torch.from_numpy(np.concatenate([near for _, near in measured])).to(device)
+    if picks == 0:
+        return Coreset(indices=np.empty(0, np.int64), radius=math.sqrt(float(nearest_sq.max())))
+    chosen, _, nearest_sq = _farthest_first(columns, picks, 0, nearest_sq, progress=True)
+    return Coreset(indices=chosen.cpu().numpy().astype(np.int64), radius=math.sqrt(float(nearest_sq.max())))
+
+
+def _block_nearest_sq(block: np.ndarray, matrix: np.ndarray | None, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(The block's projected rows, each row's squared distance to its nearest centre)."""
+    rows = _project_block(block, matrix)
+    return rows, _min_sq(torch.from_numpy(rows), torch.from_numpy(centres)).numpy()
+
+
 def default_partitions(n_rows: int) -> int:
     """Partitions for `n_rows`: about 16,000 rows each.
 

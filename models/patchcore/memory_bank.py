@@ -89,24 +89,24 @@ class PatchCoreScorer:
         self._query_tile, self._bank_tile = CUDA_TILES if self.device.type == "cuda" else CPU_TILES
         self._map_operators: dict[tuple[int, int], torch.Tensor] = {}
 
-    def patch_distances(self, queries: torch.Tensor) -> torch.Tensor:
-        """(Q, D) queries → (Q,) Euclidean distance to the nearest bank row."""
+    def patch_distances(self, queries: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """(Q, D) queries → (Q,) Euclidean distance to the nearest bank row from `first_row` on."""
         queries = queries.to(self.device, torch.float32)
         chunks = queries.split(self._query_tile)
         if self.device.type == "cpu" and len(chunks) > 1:
             # Whole query chunks per thread, not OpenMP inside each small GEMM: on shared cores the
             # latter spent most of its CPU spinning at barriers (3.4 vs 20 images per CPU-second).
             with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-                nearest = list(pool.map(self._squared_distance_offsets, chunks))
+                nearest = list(pool.map(lambda chunk: self._squared_distance_offsets(chunk, first_row), chunks))
         else:
-            nearest = [self._squared_distance_offsets(chunk) for chunk in chunks]
+            nearest = [self._squared_distance_offsets(chunk, first_row) for chunk in chunks]
         with torch.inference_mode():
             offsets = torch.cat(nearest) if nearest else torch.empty(0, device=self.device)
             return (offsets + (queries * queries).sum(1)).clamp_min_(0.0).sqrt_()
 
-    def _squared_distance_offsets(self, queries: torch.Tensor) -> torch.Tensor:
+    def _squared_distance_offsets(self, queries: torch.Tensor, first_row: int) -> torch.Tensor:
         """min over bank rows of ‖b‖² − 2 q·b, a bank tile at a time so each tile's GEMM output stays in cache."""
-        tiles = zip(self.bank.split(self._bank_tile), self._bank_sq_norms.split(self._bank_tile))
+        tiles = zip(self.bank[first_row:].split(self._bank_tile), self._bank_sq_norms[first_row:].split(self._bank_tile))
         with torch.inference_mode():
             best = torch.full((len(queries),), torch.inf, device=self.device)
             for rows, sq_norms in tiles:
@@ -128,13 +128,36 @@ class PatchCoreScorer:
 
     def score(self, features: np.ndarray | torch.Tensor, grid: tuple[int, int], image_size: int) -> Detections:
         """(N, H*W, D) patch features on `grid` (H, W) → image scores and (N, S, S) maps, S = `image_size`."""
+        features = self.checked(features, grid)
+        return self.detections(features, self.distances(features), grid, image_size)
+
+    def checked(self, features: np.ndarray | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The (N, H*W, D) patch features on `grid` as a float32 tensor on the scorer's device."""
         features = torch.as_tensor(features, dtype=torch.float32, device=self.device)
         height, width = grid
         if (features.ndim != 3 or len(features) == 0 or features.shape[1] != height * width
                 or features.shape[2] != self.bank.shape[1]):
             raise ValueError(f"expected features (N ≥ 1, {height * width}, {self.bank.shape[1]}) for grid {grid} "
                              f"and this bank, got {tuple(features.shape)}")
-        distances = self.patch_distances(features.reshape(-1, features.shape[2])).view(len(features), -1)
+        return features
+
+    def distances(self, features: torch.Tensor, known: tuple[np.ndarray, int] | None = None) -> torch.Tensor:
+        """Checked (N, P, D) features → (N, P) distance of each patch to its nearest bank row.
+
+        `known` = (the patches' distances (N, P) to the bank's first R rows, R): then only the rows after
+        those are searched (a bank grown from an earlier one, whose distances were kept)."""
+        queries = features.reshape(-1, features.shape[2])
+        if known is None:
+            return self.patch_distances(queries).view(len(features), -1)
+        distances = torch.as_tensor(known[0], dtype=torch.float32, device=self.device).reshape(len(features), -1)
+        if known[1] >= len(self.bank):
+            return distances
+        return torch.minimum(distances, self.patch_distances(queries, known[1]).view(len(features), -1))
+
+    def detections(self, features: torch.Tensor, distances: torch.Tensor, grid: tuple[int, int],
+                   image_size: int) -> Detections:
+        """Eq. 7 image scores and smoothed (N, S, S) maps from checked features and their patch distances."""
+        height, width = grid
         with torch.inference_mode():
             scores = self._reweighted_scores(features, distances)
             maps = (self._map_operator(height, image_size) @ distances.view(-1, height, width)

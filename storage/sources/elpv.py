@@ -45,7 +45,10 @@ def elpv_rows(source: ElpvSource) -> list[ManifestRow]:
     ]
     rows = []
     for indices, split, label, defect_type in groups:
-        for index in indices[: source.limit_per_class]:
+        indices = indices[: source.limit_per_class]
+        if split == "train":
+            indices = indices[: max(1, round(len(indices) * source.train_share))]
+        for index in indices:
             pixels = images[index]
             rows.append(ManifestRow(
                 id=content_hash(pixels[:, :, None]), source=f"{SOURCE_PREFIX}{index}", split=split,

@@ -1,0 +1,71 @@
+"""Each scored image's patch distances to one memory bank, kept per bank in a line's feature folder.
+
+A bank grown from the champion's (tasks/incremental.py) begins with the champion's rows unchanged, so an
+image's distance to its nearest row of the grown bank is the smaller of its cached distance to the
+champion's bank and its distance to the added rows: scoring measures the added rows only.
+
+Layout: `<root>/<line>/nearest/<bank digest>.safetensors`, a tensor `distances` (images, patches) and the
+image ids in its metadata. Files are written whole and renamed into place, so a killed writer leaves
+none half written; the most recent `KEEP` per line are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+KEEP = 4
+
+
+def bank_digest(features: np.ndarray) -> str:
+    """Identity of a bank by its rows' values and shape."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(str(features.shape).encode())
+    digest.update(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+class NearestCache:
+    """Patch distances of scored images, by bank digest, in one folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def load(self, digest: str) -> dict[str, np.ndarray]:
+        """Image id → its patch distances to the bank `digest`; empty when none are kept (or unreadable)."""
+        path = self.folder / f"{digest}.safetensors"
+        try:
+            with safe_open(str(path), framework="np") as file:
+                ids = json.loads((file.metadata() or {})["ids"])
+                distances = file.get_tensor("distances")
+        except (OSError, SafetensorError, KeyError, ValueError):
+            return {}
+        return dict(zip(ids, distances)) if len(ids) == len(distances) else {}
+
+    def save(self, digest: str, distances: dict[str, np.ndarray]) -> None:
+        """Add `distances` (image id → patch distances) to what is kept for the bank `digest`."""
+        merged = {**self.load(digest), **distances}
+        if not merged:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ids = list(merged)
+        handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".writing-", suffix=".safetensors")
+        os.close(handle)
+        try:
+            save_file({"distances": np.stack([merged[i] for i in ids]).astype(np.float32)}, temporary,
+                      metadata={"ids": json.dumps(ids)})
+            os.replace(temporary, self.folder / f"{digest}.safetensors")
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        # One rebuild of a line at a time (its lock), so another writer's temporary file is a killed one's.
+        files = [p for p in self.folder.glob("*.safetensors") if not p.name.startswith(".")]
+        debris = [p for p in self.folder.glob(".writing-*")]
+        for old in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)[KEEP:] + debris:
+            old.unlink(missing_ok=True)
