@@ -93,7 +93,10 @@ def _reusable_champion(config: LineConfig, data: LineData, full: bool) -> Reuse:
         return Reuse(f"no new good training images since {name}")
     if len(new_fit) > MAX_NEW_SHARE * len(old_ids):
         return Reuse(f"{len(new_fit)} new fit images, more than {MAX_NEW_SHARE:.0%} of the {len(old_ids)} of {name}")
-    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{champion.version}")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{champion.version}")
+    except (OSError, ValueError, mlflow.exceptions.MlflowException) as error:
+        return Reuse(f"the model of {name} could not be loaded ({type(error).__name__}: {error})")
     return Reuse(f"from {name} (run {champion.run_id}): {len(new_fit)} new fit images beside its {len(old_ids)}",
                  str(champion.version), model.unwrap_python_model().detector, run.data.metrics.get("coreset_radius"),
                  tuple(row for row in data.fit if row.id in old_ids), new_fit)

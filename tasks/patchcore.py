@@ -132,10 +132,7 @@ def select_coreset_task(config: LineConfig, features: StoredFeatures, fit_rows: 
             stored = features.open().as_dask_array([row.id for row in fit_rows])
             patches = stored.reshape(-1, stored.shape[2])
             size = coreset_size(patches.shape[0], config.patchcore.coreset_ratio)
-            # Scratch files next to the store: a remote cluster's workers can read the store, so they share it.
-            scratch = None if "://" in features.root else features.root
-            if scratch:
-                remove_orphaned_scratch(Path(scratch))
+            scratch = _scratch(features)
             with dask_client(config.dask_address):
                 coreset = greedy_coreset_dask(patches, size, projection_dim=config.patchcore.projection_dim,
                                               scratch=scratch)
@@ -146,6 +143,15 @@ def select_coreset_task(config: LineConfig, features: StoredFeatures, fit_rows: 
                           elapsed[0], coreset.radius)
     return SelectedCoreset(coreset, fit_rows, int(patches.shape[0]), elapsed[0],
                            "full coreset" + (f": {drift}" if drift else ""))
+
+
+def _scratch(features: StoredFeatures) -> str | None:
+    """The coreset's scratch folder, next to the store: a remote cluster's workers can read the store, so
+    they share it; debris of killed coresets there is removed first."""
+    if "://" in features.root:
+        return None
+    remove_orphaned_scratch(Path(features.root))
+    return features.root
 
 
 def _grow_champion_bank(config: LineConfig, features: StoredFeatures, fit_rows: list[ManifestRow],
@@ -160,13 +166,14 @@ def _grow_champion_bank(config: LineConfig, features: StoredFeatures, fit_rows: 
     per_image = features.grid[0] * features.grid[1]
     size = coreset_size(per_image * len(fit_rows), config.patchcore.coreset_ratio)
     picks = min(candidates.shape[0], max(0, size - len(bank)))
+    scratch = _scratch(features)
     with dask_client(config.dask_address):
-        grown = extend_coreset(bank, candidates, picks, projection_dim=config.patchcore.projection_dim)
+        grown = extend_coreset(bank, candidates, picks, projection_dim=config.patchcore.projection_dim,
+                               scratch=scratch)
     old_radius = reuse.coreset_radius
-    summary = (f"the new images' patches lie within {grown.radius:.4f} of the grown bank, against the "
-               f"champion's radius {old_radius:.4f} over its own images") if old_radius else ""
     if old_radius is None or grown.radius > DRIFT_LIMIT * old_radius:
-        why = (f"drift: {summary}, above {DRIFT_LIMIT:g} times" if old_radius
+        why = (f"drift: the new images' patches lie up to {grown.radius:.4f} from the grown bank, more than "
+               f"{DRIFT_LIMIT:g} x the champion's radius {old_radius:.4f} over its own images" if old_radius
                else f"champion v{reuse.version} logged no coreset radius to compare with")
         get_run_logger().warning("coreset: not grown from champion v%s (%s); selecting over every fit patch",
                                  reuse.version, why)
@@ -174,7 +181,8 @@ def _grow_champion_bank(config: LineConfig, features: StoredFeatures, fit_rows: 
     # The champion's rows stay, so every patch they covered is still within the champion's radius.
     coreset = Coreset(grown.indices, max(old_radius, grown.radius))
     note = (f"grown from champion v{reuse.version}: its {len(bank)} bank rows kept, {picks} picked from the "
-            f"{candidates.shape[0]} patches of {len(new_rows)} new images; {summary}")
+            f"{candidates.shape[0]} patches of {len(new_rows)} new images, which lie within {grown.radius:.4f} "
+            f"of the grown bank (the champion's radius over its own images: {old_radius:.4f})")
     get_run_logger().info("coreset: %s", note)
     return SelectedCoreset(coreset, new_rows, int(candidates.shape[0]), 0.0, note, kept=bank), None
 

@@ -257,7 +257,7 @@ def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evalua
         f"# Rebuild of `{config.name}`", "",
         "| detector | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|", *rows, "",
         f"**Gate:** version {outcome.version} {verdict}. {outcome.decision.reason}", "",
-        "**Reused of the champion:**", *(f"- {part}: {note}" for part, note in reuse.items()), "",
+        "**Incremental:**", *(f"- {part}: {note}" for part, note in reuse.items()), "",
         f"- MLflow run: {ui}/#/experiments/{run.experiment_id}/runs/{run.run_id}",
         f"- Model version: {ui}/#/models/{registered_model_name(config.name)}/versions/{outcome.version}",
         "", "Stage times (s): " + ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.1f}"

@@ -129,8 +129,8 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
     drifted = rebuild_product_line(config)
     tags = client.get_run(drifted["run_id"]).data.tags
     assert tags[REUSE_TAG].startswith("incremental from champion v2")
-    assert tags[f"{REUSE_TAG}.patchcore"].startswith("full coreset: drift: the new images' patches lie within ")
-    assert "above 1.1 times" in tags[f"{REUSE_TAG}.patchcore"]
+    assert tags[f"{REUSE_TAG}.patchcore"].startswith("full coreset: drift: the new images' patches lie up to ")
+    assert "more than 1.1 x the champion's radius" in tags[f"{REUSE_TAG}.patchcore"]
 
     # Nothing new: a forced rebuild has nothing to add to its champion, so it starts from nothing.
     forced = rebuild_product_line(config, force=True)

@@ -15,6 +15,7 @@ import pytest
 from patchline.models.config import ElpvSource, LineConfig, MvtecSource
 from patchline.storage.image_files import MAX_PIXELS_ENV, BadImageError, decode_image, decode_image_bytes
 from patchline.storage.ingest import IngestError, build_manifest
+from patchline.storage.manifest import ManifestRow, hold_out_calibration
 from patchline.storage.pixels import read_mask, read_pixels
 from patchline.storage.sources.mvtec import MvtecLayoutError
 from tests.conftest import png_claiming, textured, without_root_override, write_image
@@ -302,3 +303,21 @@ def test_the_pixel_limit_is_read_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
     with pytest.raises(ValueError, match=f"{MAX_PIXELS_ENV}='lots': expected a positive whole number"):
         decode_image(path)
+
+
+def test_the_calibration_hold_out_keeps_each_image_in_its_role_as_the_line_grows() -> None:
+    """An incremental rebuild adds new images to the champion's fit set: no old image may change sides."""
+    rows = [ManifestRow(id=f"image-{i}", source=f"{i}.png", split="train", label="good", defect_type="good",
+                        mask=None, width=8, height=8, channels=1) for i in range(600)]
+    fit, calibration = hold_out_calibration(rows[:500], 0.1)
+    grown_fit, grown_calibration = hold_out_calibration(rows, 0.1)
+    assert {r.id for r in fit} <= {r.id for r in grown_fit}
+    assert {r.id for r in calibration} <= {r.id for r in grown_calibration}
+    assert sorted(r.id for r in grown_fit + grown_calibration) == sorted(r.id for r in rows)
+    assert 0.07 < len(grown_calibration) / len(rows) < 0.13
+    assert hold_out_calibration(rows[:500], 0.1, seed=1)[1] != calibration, "the seed draws another hold-out"
+    # Too few rows for the draw to leave two on each side: the lowest draws are held out.
+    few_fit, few_calibration = hold_out_calibration(rows[:5], 0.1)
+    assert len(few_calibration) == 2 and len(few_fit) == 3
+    with pytest.raises(ValueError, match="at least 4 good training images"):
+        hold_out_calibration(rows[:3], 0.1)

@@ -110,5 +110,8 @@ def test_installed_wheel_lists_lines_and_rebuilds_a_folder_from_anywhere(install
     rebuilt = run(patchline, "rebuild", str(config))
     assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
     assert "widget: image AUROC patchcore" in rebuilt.stdout and "version 1 promoted to champion" in rebuilt.stdout
+    assert "  rebuild: full rebuild: no champion to start from" in rebuilt.stdout, rebuilt.stdout
+    again = run(patchline, "rebuild", str(config), "--force", "--full")
+    assert again.returncode == 0 and "  rebuild: full rebuild: asked for (--full" in again.stdout, again.stdout
     # The default data directory is the working directory's `.patchline/`.
     assert (elsewhere / ".patchline" / "mlflow").is_dir()

@@ -163,43 +163,84 @@ def coverage_radius_dask(features: da.Array, indices: Sequence[int] | np.ndarray
 
 
 def extend_coreset(centres: np.ndarray, candidates: da.Array, picks: int, *,
-                   projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0,
-                   device: torch.device | None = None) -> Coreset:
+                   projection_dim: int = DEFAULT_PROJECTION_DIM, seed: int = 0, partitions: int | None = None,
+                   oversample: float = 1.25, scratch: str | os.PathLike | None = None) -> Coreset:
     """Greedy k-center continued from rows already chosen: `picks` rows of `candidates` (n, D), each the
-    candidate farthest from the `centres` (m, D) and from the earlier picks.
+    candidate farthest from the `centres` (m, D) and from the earlier picks, on the active Dask scheduler.
 
     This is the farthest-first traversal of centres ∪ candidates whose first m picks are the centres:
     the merge-reduce step that grows a coreset by new rows. Keeping every centre keeps whatever they
-    covered within the radius they covered it, so only the candidates are measured. Returns the picked
-    candidates (indices in pick order) and the radius over the candidates, in the projected space
-    `greedy_coreset_dask` with the same `seed` selects in. The candidates' distances to the centres are
-    computed block by block on the active Dask scheduler; the picks then run on one device.
+    covered within the radius they covered it, so only the candidates are measured. The candidates are
+    routed to partitions as `greedy_coreset_dask` routes rows; each partition starts from its rows'
+    distances to the centres and the `picks` largest gaps over all partitions are kept. Returns the
+    picked candidates (indices in pick order) and a radius that every candidate lies within, of a centre
+    or of a pick of its own partition, in the projected space `greedy_coreset_dask` with the same `seed`
+    selects in.
     """
     if not isinstance(candidates, da.Array) or candidates.ndim != 2:
         raise ValueError(f"candidates must be a 2-D dask array (rows, dim), got {type(candidates).__name__}")
     _check_rows(centres, "centres")
-    if centres.shape[1] != candidates.shape[1]:
-        raise ValueError(f"centres have {centres.shape[1]} columns but candidates {candidates.shape[1]}")
-    if not 0 <= picks <= candidates.shape[0]:
-        raise ValueError(f"picks must be in [0, {candidates.shape[0]}] (the number of candidates), got {picks}")
-    device = device or pick_device()
-    matrix = jl_matrix(centres.shape[1], projection_dim, seed)
+    n, dim = candidates.shape
+    if centres.shape[1] != dim:
+        raise ValueError(f"centres have {centres.shape[1]} columns but candidates {dim}")
+    if not 0 <= picks <= n:
+        raise ValueError(f"picks must be in [0, {n}] (the number of candidates), got {picks}")
+    started = time.perf_counter()
+    matrix = jl_matrix(dim, projection_dim, seed)
     # One graph key for the projected centres, so a cluster ships them to each worker once.
     projected = dask.delayed(_project_block(centres, matrix), pure=True)
-    blocks = candidates.rechunk({1: -1}).to_delayed().ravel()
-    measured = dask.compute(*[dask.delayed(_block_nearest_sq, pure=True)(block, matrix, projected) for block in blocks])
-    columns = torch.from_numpy(np.concatenate([rows for rows, _ in measured])).to(device).T.contiguous()
-    nearest_sq = torch.from_numpy(np.concatenate([near for _, near in measured])).to(device)
-    if picks == 0:
-        return Coreset(indices=np.empty(0, np.int64), radius=math.sqrt(float(nearest_sq.max())))
-    chosen, _, nearest_sq = _farthest_first(columns, picks, 0, nearest_sq, progress=True)
-    return Coreset(indices=chosen.cpu().numpy().astype(np.int64), radius=math.sqrt(float(nearest_sq.max())))
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=scratch,
+                                     ignore_cleanup_errors=True) as folder:
+        parts, part_rows = _partitions(candidates.rechunk({1: -1}), min(partitions or default_partitions(n), n),
+                                       matrix, seed, folder)
+        initial = list(dask.compute(*[dask.delayed(_initial_trace, pure=True)(part, projected) for part in parts]))
+        log.info("dask coreset extension: %d candidates in %d partitions measured against %d centres in %.1f s",
+                 n, len(parts), len(centres), time.perf_counter() - started)
+        if picks:
+            traces, counts = _partition_picks(parts, part_rows, picks, oversample, seed, initial)
+        else:
+            traces, counts = initial, [0] * len(parts)
+        kept = [trace.local[:count] for trace, count in zip(traces, counts)]
+        radii_sq, rows = dask.compute(
+            [dask.delayed(_extended_radius_sq, pure=True)(part, start.nearest_sq, local)
+             for part, start, local in zip(parts, initial, kept)],
+            [dask.delayed(_global_rows, pure=True)(part, local) for part, local in zip(parts, kept)])
+    gaps_sq = np.concatenate([trace.gaps_sq[:count] for trace, count in zip(traces, counts)])
+    indices = np.concatenate(rows)[np.argsort(-gaps_sq, kind="stable")].astype(np.int64)
+    log.info("dask coreset extension: %d picks, radius %.4f, done in %.1f s", picks, math.sqrt(max(radii_sq)),
+             time.perf_counter() - started)
+    return Coreset(indices=indices, radius=math.sqrt(max(radii_sq)))
 
 
-def _block_nearest_sq(block: np.ndarray, matrix: np.ndarray | None, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(The block's projected rows, each row's squared distance to its nearest centre)."""
-    rows = _project_block(block, matrix)
-    return rows, _min_sq(torch.from_numpy(rows), torch.from_numpy(centres)).numpy()
+def _initial_trace(part: str, centres: np.ndarray) -> _Trace:
+    """A partition's greedy before its first pick: every row's squared distance to its nearest centre."""
+    rows = torch.from_numpy(_load_part(part)[0])
+    return _Trace(local=np.empty(0, np.int64), gaps_sq=np.empty(0, np.float32),
+                  nearest_sq=_min_sq_blocked(rows, torch.from_numpy(centres)).numpy())
+
+
+def _extended_radius_sq(part: str, start_sq: np.ndarray, local: np.ndarray) -> float:
+    """Largest squared distance from a row of this partition to the centres or the partition's kept picks."""
+    nearest_sq = torch.from_numpy(start_sq)
+    if len(local):
+        rows = torch.from_numpy(_load_part(part)[0])
+        nearest_sq = torch.minimum(nearest_sq, _min_sq(rows, rows[torch.from_numpy(local)]))
+    return float(nearest_sq.max())
+
+
+def _min_sq_blocked(rows: torch.Tensor, centres: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """`_min_sq` for many centres: square tiles of rows x centres, so each tile's centres stay in cache
+    while a block of rows is measured against them (one row tile against every centre rereads them all
+    from memory)."""
+    centre_norms = centres.square().sum(1)
+    nearest_sq = torch.full((len(rows),), math.inf, dtype=rows.dtype)
+    for s in range(0, len(rows), tile):
+        block, best = rows[s:s + tile], nearest_sq[s:s + tile]
+        for c in range(0, len(centres), tile):
+            torch.minimum(best, torch.addmm(centre_norms[c:c + tile], block, centres[c:c + tile].T, alpha=-2.0)
+                          .amin(1), out=best)
+        best += block.square().sum(1)
+    return nearest_sq.clamp_(min=0.0)
 
 
 def default_partitions(n_rows: int) -> int:
@@ -288,13 +329,14 @@ def _coverage(parts: list, kept: list[np.ndarray]) -> tuple[float, np.ndarray]:
     return max(radii_sq), np.concatenate(rows)
 
 
-def _partition_picks(parts: list, part_rows: list[int], size: int, oversample: float,
-                     seed: int) -> tuple[list[_Trace], list[int]]:
+def _partition_picks(parts: list, part_rows: list[int], size: int, oversample: float, seed: int,
+                     initial: list[_Trace] | None = None) -> tuple[list[_Trace], list[int]]:
     """Each partition's greedy, run in parallel until the `size` largest gaps over all partitions are
-    known; returns the traces and how many leading picks of each are kept."""
+    known, from a seeded first pick or continuing `initial`; returns the traces and how many leading
+    picks of each are kept."""
     n = sum(part_rows)
     steps = {j: min(rows, math.ceil(oversample * size * rows / n)) for j, rows in enumerate(part_rows)}
-    traces: list[_Trace | None] = [None] * len(parts)
+    traces: list[_Trace | None] = list(initial) if initial else [None] * len(parts)
     while steps:
         results = dask.compute(*[dask.delayed(_partition_greedy, pure=True)(parts[j], more, seed, j, traces[j])
                                  for j, more in steps.items()])
