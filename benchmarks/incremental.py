@@ -20,7 +20,6 @@ Ends with one line:
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -32,9 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from patchline.models.config import LineConfig  # noqa: E402
 from patchline.storage.line_config import load_line  # noqa: E402
-
-log = logging.getLogger("benchmarks.incremental")
-
 
 def with_train_share(config: LineConfig, share: float) -> LineConfig:
     if config.source.kind != "elpv":
@@ -89,15 +85,15 @@ def main() -> None:
     # Prefect and the flow are imported only now, so they pick up the temporary home.
     from patchline.flows.rebuild import rebuild_product_line
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    log.info("line %s, %.0f%% of its train normals added to v1, PATCHLINE_HOME %s", config.name,
-             100 * args.new_share, home)
+    # Prefect has configured logging by now, so progress goes to stderr as plain lines.
+    print(f"line {config.name}, {100 * args.new_share:.0f}% of its train normals added after v1, "
+          f"PATCHLINE_HOME {home}", file=sys.stderr)
 
     def timed(label: str, **options) -> tuple[dict, float]:
         started = time.perf_counter()
         result = rebuild_product_line(before if label == "v1" else after, **options)
         seconds = time.perf_counter() - started
-        log.info("%s: %.1f s, version %s, reuse %s", label, seconds, result["version"], result.get("reuse"))
+        print(f"{label}: {seconds:.1f} s, version {result['version']}, reuse {result.get('reuse')}", file=sys.stderr)
         return result, seconds
 
     try:
@@ -112,7 +108,7 @@ def main() -> None:
                                                                                      ("full", full))}
     finally:
         if args.keep:
-            log.info("kept %s", home)
+            print(f"kept {home}", file=sys.stderr)
         else:
             shutil.rmtree(home, ignore_errors=True)
     for name, result in (("full", full), ("incremental", incremental)):

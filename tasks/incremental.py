@@ -4,6 +4,7 @@ both networks start from the champion's weights. Every other case is a full rebu
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,11 +80,13 @@ def _reusable_champion(config: LineConfig, data: LineData, full: bool) -> Reuse:
     run = client.get_run(champion.run_id)
     if run.data.tags.get(MODEL_CONFIG_TAG) != model_config_fingerprint(config):
         return Reuse(f"the model settings (or patchline's version) differ from those of {name}")
-    try:
-        listing = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=FIT_IDS_ARTIFACT))
-    except (OSError, mlflow.exceptions.MlflowException):
-        return Reuse(f"{name} has no record of the images it was fitted on (built before incremental rebuilds)")
-    old_ids = set(listing.read_text().split())
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            listing = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path=FIT_IDS_ARTIFACT,
+                                                          dst_path=folder)
+        except (OSError, mlflow.exceptions.MlflowException):
+            return Reuse(f"{name} has no record of the images it was fitted on (built before incremental rebuilds)")
+        old_ids = set(Path(listing).read_text().split())
     gone = old_ids - {row.id for row in data.fit}
     if gone:
         return Reuse(f"{len(gone)} of the {len(old_ids)} images {name} was fitted on are no longer fit images "
