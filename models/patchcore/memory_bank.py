@@ -106,7 +106,8 @@ class PatchCoreScorer:
 
     def _squared_distance_offsets(self, queries: torch.Tensor, first_row: int) -> torch.Tensor:
         """min over bank rows of ‖b‖² − 2 q·b, a bank tile at a time so each tile's GEMM output stays in cache."""
-        tiles = zip(self.bank[first_row:].split(self._bank_tile), self._bank_sq_norms[first_row:].split(self._bank_tile))
+        tiles = zip(self.bank[first_row:].split(self._bank_tile),
+                    self._bank_sq_norms[first_row:].split(self._bank_tile))
         with torch.inference_mode():
             best = torch.full((len(queries),), torch.inf, device=self.device)
             for rows, sq_norms in tiles:
