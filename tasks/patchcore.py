@@ -138,6 +138,7 @@ def select_coreset_task(config: LineConfig, features: StoredFeatures, fit_rows: 
                                               scratch=scratch)
         release_free_memory()
     if grown is not None:
+        get_run_logger().info("coreset: %s, in %.1f s", grown.note, elapsed[0])
         return dataclasses.replace(grown, seconds=elapsed[0])
     get_run_logger().info("coreset: %d of %d patches in %.1f s, coverage radius %.4f", size, patches.shape[0],
                           elapsed[0], coreset.radius)
@@ -183,7 +184,6 @@ def _grow_champion_bank(config: LineConfig, features: StoredFeatures, fit_rows: 
     note = (f"grown from champion v{reuse.version}: its {len(bank)} bank rows kept, {picks} picked from the "
             f"{candidates.shape[0]} patches of {len(new_rows)} new images, which lie within {grown.radius:.4f} "
             f"of the grown bank (the champion's radius over its own images: {old_radius:.4f})")
-    get_run_logger().info("coreset: %s", note)
     return SelectedCoreset(coreset, new_rows, int(candidates.shape[0]), 0.0, note, kept=bank), None
 
 

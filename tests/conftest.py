@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,20 @@ def textured(seed: int, size: int = 32, rgb: bool = False) -> np.ndarray:
     rng = np.random.default_rng(seed)
     shape = (size, size, 3) if rgb else (size, size)
     return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A test module's own PATCHLINE_HOME (MLflow and feature stores) and a temporary Prefect API for its flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    folder = tmp_path_factory.mktemp("patchline-home")
+    patcher = pytest.MonkeyPatch()
+    patcher.setenv("PATCHLINE_HOME", str(folder))
+    patcher.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with prefect_test_harness(server_startup_timeout=120):
+        yield folder
+    patcher.undo()
 
 
 @pytest.fixture

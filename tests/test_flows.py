@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from prefect.client.orchestration import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from patchline.models.config import (
     ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig, ScheduleConfig)
@@ -31,17 +30,6 @@ from patchline.storage.tracking import configure_mlflow
 from tests.conftest import png_claiming
 
 LINE = "elpv-tiny"
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("patchline-home")
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv("PATCHLINE_HOME", str(folder))
-    patcher.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield folder
-    patcher.undo()
 
 
 def tiny_config(**changes) -> LineConfig:

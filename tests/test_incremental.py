@@ -8,7 +8,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from patchline.models.config import (
     EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig)
@@ -25,17 +24,6 @@ from patchline.tasks.tracking import REUSE_TAG
 from tests.conftest import write_image
 
 LINE = "cells-grow"
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("patchline-home")
-    patcher = pytest.MonkeyPatch()
-    patcher.setenv("PATCHLINE_HOME", str(folder))
-    patcher.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with prefect_test_harness(server_startup_timeout=120):
-        yield folder
-    patcher.undo()
 
 
 @pytest.fixture(scope="module")

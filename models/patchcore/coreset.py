@@ -32,6 +32,8 @@ DEFAULT_PROJECTION_DIM = 128
 # Every chunked distance computation holds at most this many row-to-centre distances at once.
 _TILE = 1 << 22
 _PROJECTION_ROWS = 1 << 16
+# Against more centres than this, distances are taken in square tiles of this side (`_min_sq`).
+_CENTRE_TILE = 1024
 # Coverage checks screen candidates in this few dimensions before measuring exact distances.
 _SCREEN_DIM = 32
 # The largest partition (its work grows with rows squared) sets the parallel run time.
@@ -216,7 +218,7 @@ def _initial_trace(part: str, centres: np.ndarray) -> _Trace:
     """A partition's greedy before its first pick: every row's squared distance to its nearest centre."""
     rows = torch.from_numpy(_load_part(part)[0])
     return _Trace(local=np.empty(0, np.int64), gaps_sq=np.empty(0, np.float32),
-                  nearest_sq=_min_sq_blocked(rows, torch.from_numpy(centres)).numpy())
+                  nearest_sq=_min_sq(rows, torch.from_numpy(centres)).numpy())
 
 
 def _extended_radius_sq(part: str, start_sq: np.ndarray, local: np.ndarray) -> float:
@@ -226,21 +228,6 @@ def _extended_radius_sq(part: str, start_sq: np.ndarray, local: np.ndarray) -> f
         rows = torch.from_numpy(_load_part(part)[0])
         nearest_sq = torch.minimum(nearest_sq, _min_sq(rows, rows[torch.from_numpy(local)]))
     return float(nearest_sq.max())
-
-
-def _min_sq_blocked(rows: torch.Tensor, centres: torch.Tensor, tile: int = 1024) -> torch.Tensor:
-    """`_min_sq` for many centres: square tiles of rows x centres, so each tile's centres stay in cache
-    while a block of rows is measured against them (one row tile against every centre rereads them all
-    from memory)."""
-    centre_norms = centres.square().sum(1)
-    nearest_sq = torch.full((len(rows),), math.inf, dtype=rows.dtype)
-    for s in range(0, len(rows), tile):
-        block, best = rows[s:s + tile], nearest_sq[s:s + tile]
-        for c in range(0, len(centres), tile):
-            torch.minimum(best, torch.addmm(centre_norms[c:c + tile], block, centres[c:c + tile].T, alpha=-2.0)
-                          .amin(1), out=best)
-        best += block.square().sum(1)
-    return nearest_sq.clamp_(min=0.0)
 
 
 def default_partitions(n_rows: int) -> int:
@@ -430,15 +417,21 @@ def _nearest_centre(rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 
 def _min_sq(rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Squared distance from every row to its nearest centre, in tiles of bounded size."""
-    tile = max(1, _TILE // len(centres))
-    centre_norms = centres.square().sum(1, keepdim=True).T
-    nearest_sq = torch.empty(len(rows), dtype=rows.dtype, device=rows.device)
-    for s in range(0, len(rows), tile):
-        block = rows[s:s + tile]
-        cross = torch.addmm(centre_norms, block, centres.T, alpha=-2.0)
-        torch.amin(cross, dim=1, out=nearest_sq[s:s + tile])
-        nearest_sq[s:s + tile] += block.square().sum(1)
+    """Squared distance from every row to its nearest centre, in tiles of bounded size.
+
+    Beyond `_CENTRE_TILE` centres the tiles are square, rows x centres: a tile's centres then stay in
+    cache while a block of rows is measured against them, where a few rows against every centre would
+    reread all centres from memory for each few rows."""
+    centre_tile = min(len(centres), _CENTRE_TILE)
+    row_tile = max(1, _TILE // len(centres)) if len(centres) <= _CENTRE_TILE else _CENTRE_TILE
+    centre_norms = centres.square().sum(1)
+    nearest_sq = torch.full((len(rows),), math.inf, dtype=rows.dtype, device=rows.device)
+    for s in range(0, len(rows), row_tile):
+        block, best = rows[s:s + row_tile], nearest_sq[s:s + row_tile]
+        for c in range(0, len(centres), centre_tile):
+            cross = torch.addmm(centre_norms[c:c + centre_tile], block, centres[c:c + centre_tile].T, alpha=-2.0)
+            torch.minimum(best, cross.amin(1), out=best)
+        best += block.square().sum(1)
     return nearest_sq.clamp_(min=0.0)
 
 
