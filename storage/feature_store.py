@@ -30,6 +30,7 @@ import dask.array as da
 import numpy as np
 import zarr
 import zarr.codecs
+import zarr.errors
 import zarr.storage
 
 from patchline.storage.locks import exclusive_lock
@@ -103,7 +104,11 @@ class FeatureStore:
             except FileNotFoundError as error:
                 raise ValueError(f"no feature store for line {line!r} and this config under {root}") from error
         else:
-            group = zarr.open_group(root, mode="a", path=path, storage_options=options)
+            try:
+                group = zarr.open_group(root, mode="a", path=path, storage_options=options)
+            except zarr.errors.ContainsGroupError:
+                # Another writer created the new store between this one's look and its create: open theirs.
+                group = zarr.open_group(root, mode="a", path=path, storage_options=options)
             if "config" not in group.attrs:
                 group.attrs.update({"format": FORMAT, "line": line, "config": json.loads(json.dumps(config))})
         stored = group.attrs.get("config")
