@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test setup clean
+.PHONY: run test test-stack setup clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ setup: $(STAMP)
 # machine resolves nothing new (prefect 3.8 breaks at run time with newer fastapi / SQLAlchemy).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench,cluster]'
 	touch $@
 
 run: $(STAMP)
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Needs Debian's postgresql (README, "Running on a cluster").
+test-stack: $(STAMP)
+	$(BIN)/python -m pytest -m stack
 
 clean:
 	rm -rf $(VENV) .patchline

@@ -19,7 +19,7 @@ from patchline.tasks.packaging import package_model_task
 from patchline.tasks.patchcore import build_memory_bank_task, extract_features_task, score_patchcore_task, select_coreset_task
 from patchline.tasks.tracking import (
     GateOutcome, StartedRun, UnchangedChampion, check_tracking_task, find_unchanged_champion_task, finish_run_task,
-    log_rebuild_task, publish_summary_task, record_skip_task, register_and_gate_task, start_run_task)
+    log_rebuild_task, memory_bank_tags, publish_summary_task, record_skip_task, register_and_gate_task, start_run_task)
 
 
 @flow(name="rebuild-product-line", flow_run_name="rebuild-{config.name}")
@@ -70,7 +70,7 @@ def _skipped(config: LineConfig, run: StartedRun, unchanged: UnchangedChampion, 
 def _rebuild(config: LineConfig, run: StartedRun, data: LineData, started: float,
              full: bool) -> tuple[GateOutcome, Evaluation, dict[str, float], dict[str, str]]:
     detectors = set(config.evaluation.detectors)
-    calibration_set, test_set, extra = {}, {}, {}
+    calibration_set, test_set, extra, tags = {}, {}, {}, {}
     bank = autoencoder = sdn = None
     champion = find_reusable_champion_task(config, data, full)
     reuse = {"rebuild": ("incremental " if champion.incremental else "full rebuild: ") + champion.reason}
@@ -88,6 +88,7 @@ def _rebuild(config: LineConfig, run: StartedRun, data: LineData, started: float
         calibration_set["patchcore"] = score_patchcore_task(stored, bank, data.calibration, kept)
         test_set["patchcore"] = score_patchcore_task(stored, bank, data.test, kept)
         reuse["patchcore"] = selected.note
+        tags.update(memory_bank_tags(bank))
         extra.update(time_extract_features_s=stored.seconds, time_coreset_s=selected.seconds,
                      features_new_images=stored.written, memory_bank_rows=len(bank.features),
                      memory_bank_dim=bank.features.shape[1], coreset_candidates=selected.candidates,
@@ -111,7 +112,8 @@ def _rebuild(config: LineConfig, run: StartedRun, data: LineData, started: float
     evaluation = evaluate_task(config, data.test, calibration_set, test_set, run.work_dir / "plots")
     bundle = package_model_task(config, evaluation.calibration, run.work_dir / "bundle", bank, autoencoder, sdn)
     extra["time_until_logging_s"] = time.perf_counter() - started
-    model_uri = log_rebuild_task(run.run_id, config, data, evaluation, histories, extra, reuse, bundle, run.work_dir)
+    model_uri = log_rebuild_task(run.run_id, config, data, evaluation, histories, extra, reuse, tags, bundle,
+                                 run.work_dir)
     outcome = register_and_gate_task(config, run.run_id, model_uri, data, evaluation)
     extra["time_total_s"] = time.perf_counter() - started
     return outcome, evaluation, extra, reuse

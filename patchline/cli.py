@@ -350,11 +350,26 @@ def score_command(
 def deploy_command(
     lines: Annotated[list[str] | None, typer.Argument(help="Lines to deploy; default: every configured line.")] = None,
     serve: Annotated[bool, typer.Option(help="Serve the deployments here after registering them.")] = True,
+    pool: Annotated[str | None, typer.Option(help="Register them to this Prefect work pool, whose workers run "
+                                                   "them (`prefect worker start --pool NAME`), instead of serving "
+                                                   "them here.")] = None,
 ) -> None:
     """Register one nightly deployment per line (its cron) plus batch scoring in the Prefect API, and serve them."""
     _require_home()
-    from patchline.deployments.schedules import register, serve_deployments
+    from patchline.deployments.schedules import WorkPoolError, register, serve_deployments
 
+    if pool is not None:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            _fail(ValueError(f"--pool {pool}: a work pool lives in a Prefect server; set PREFECT_API_URL to its API "
+                             "(e.g. http://127.0.0.1:4200/api)"))
+        try:
+            ids = register(lines or None, work_pool=pool)
+        except WorkPoolError as error:
+            _fail(error)
+        typer.echo(f"registered {len(ids)} deployments to work pool {pool!r}")
+        return
     if not serve:
         ids = register(lines or None)
         typer.echo(f"registered {len(ids)} deployments")

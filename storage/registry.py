@@ -96,7 +96,10 @@ def register_version(client: MlflowClient, line: str, model_uri: str, run_id: st
         client.create_registered_model(name, description=f"patchline anomaly detector for product line {line}")
     # A retried task must not register the same run twice.
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    version = existing[0] if existing else client.create_model_version(name, model_uri, run_id=run_id)
+    # A tracking server accepts a `models:/<model id>` source only with that id (a local store does not ask).
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = existing[0] if existing else client.create_model_version(name, model_uri, run_id=run_id,
+                                                                        model_id=model_id)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return version
 

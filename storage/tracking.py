@@ -86,15 +86,19 @@ def experiment_name(line: str) -> str:
 
 
 def line_experiment_id(client: MlflowClient, line: str) -> str:
-    """The line's experiment, created on first use with an explicit artifact folder.
+    """The line's experiment, created on first use with an explicit artifact folder on a local store.
 
-    Without `artifact_location` MLflow would put artifacts under the current directory of whichever
-    process created the database, which differs between the CLI, workers and tests.
+    Without `artifact_location` MLflow would put a local store's artifacts under the current directory of
+    whichever process created the database, which differs between the CLI, workers and tests. A tracking
+    server chooses the location itself: with `--serve-artifacts` clients then send artifacts over HTTP,
+    so workers on other machines need no shared folder.
     """
     name = experiment_name(line)
     existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
+    if client.tracking_uri.startswith(("http://", "https://")):
+        return client.create_experiment(name)
     location = artifact_root() / line
     location.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(name, artifact_location=location.as_uri())

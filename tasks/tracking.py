@@ -17,9 +17,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from patchline.models.config import GATE_METRICS, LineConfig
+from patchline.models.patchcore.memory_bank import MemoryBank
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.line_config import save_line
 from patchline.storage.manifest import Manifest
+from patchline.storage.nearest_cache import bank_digest
 from patchline.storage.paths import work_folders
 from patchline.storage.pixels import read_pixels
 from patchline.storage.pyfunc_model import log_line_model
@@ -36,6 +38,8 @@ from patchline.tasks.ingest import LineData
 TEST_FINGERPRINT_TAG = "patchline.test_fingerprint"
 SKIPPED_TAG = "patchline.skipped"
 REUSE_TAG = "patchline.incremental"
+# Two rebuilds of the same images and settings give the same bank on any Dask cluster: this tag shows it.
+BANK_TAG = "patchline.memory_bank_digest"
 MLFLOW_UI_ENV = "PATCHLINE_MLFLOW_UI_URL"
 
 
@@ -69,6 +73,10 @@ def reuse_tags(reuse: dict[str, str]) -> dict[str, str]:
     """Run tags of what a rebuild reused, by part: `patchline.incremental` for the rebuild as a whole,
     `patchline.incremental.<part>` for the bank and each network."""
     return {REUSE_TAG if part == "rebuild" else f"{REUSE_TAG}.{part}": note for part, note in reuse.items()}
+
+
+def memory_bank_tags(bank: MemoryBank) -> dict[str, str]:
+    return {BANK_TAG: bank_digest(bank.features)}
 
 
 def test_fingerprint(data: LineData) -> str:
@@ -139,9 +147,9 @@ def finish_run_task(run: StartedRun, error: str | None = None) -> None:
 @task(name="log-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation: Evaluation,
                      histories: dict[str, dict[str, list[float]]], extra_metrics: dict[str, float],
-                     reuse: dict[str, str], bundle: Path, work_dir: Path) -> str:
+                     reuse: dict[str, str], tags: dict[str, str], bundle: Path, work_dir: Path) -> str:
     """Metrics, loss curves, plots, manifest (and the fit images' ids), config, what was reused of the
-    champion (`reuse_tags`) and the pyfunc model; returns the model URI."""
+    champion (`reuse_tags`), `tags` and the pyfunc model; returns the model URI."""
     client = configure_mlflow()
     started = time.perf_counter()
     now = int(time.time() * 1000)
@@ -157,8 +165,8 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
     client.set_tag(run_id, TEST_FINGERPRINT_TAG, test_fingerprint(data))
     client.set_tag(run_id, "patchline.best_detector", evaluation.best)
     client.set_tag(run_id, "patchline.decision_detector", evaluation.calibration.decision_detector)
-    for tag, note in reuse_tags(reuse).items():
-        client.set_tag(run_id, tag, note[:5000])
+    for tag, value in {**reuse_tags(reuse), **tags}.items():
+        client.set_tag(run_id, tag, value[:5000])
     data.manifest.write_csv(work_dir / "manifest.csv")
     save_line(config, work_dir / "line_config.yaml")
     for path in [work_dir / "manifest.csv", work_dir / "manifest.skipped.csv", work_dir / "line_config.yaml",

@@ -1,0 +1,277 @@
+"""The stack tier: README's "Running on a cluster" commands run as written (PostgreSQL, a Prefect server and
+an MLflow server on it, a Dask scheduler with two worker processes, a process work pool and its worker),
+then a tiny line's nightly on them, a Dask worker killed during a coreset and the MLflow server stopped
+during a rebuild. Every server is its own process on 127.0.0.1, stopped by PID at the end."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import psutil
+import pytest
+
+from tests.conftest import textured, write_image, write_line_config
+
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = "widget"
+POOL = "patchline"
+
+# What this module sends to the Dask scheduler and workers travels by value: they cannot import tests/.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def readme_blocks() -> list[str]:
+    """The section's shell blocks: start everything, run the rebuild now, stop everything."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Running on a cluster\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    assert len(blocks) == 3, f"expected 3 shell blocks in README's 'Running on a cluster', found {len(blocks)}"
+    return blocks
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    folder: Path
+    env: dict[str, str]
+    exports: str
+    session_leader: int
+
+    def shell(self, script: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        """`script` in a shell that has run the start block's exports, as the README's reader's would."""
+        return subprocess.run(["bash", "-euo", "pipefail", "-c", f"{self.exports}\n{script}"], cwd=REPO,
+                              env=self.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout_s)
+
+    def url(self, name: str) -> str:
+        port = self.env[name]
+        return f"http://127.0.0.1:{port}"
+
+    def pid(self, name: str) -> int:
+        return int((self.folder / f"{name}.pid").read_text())
+
+
+def stack_env(folder: Path, line_config: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PREFECT_", "MLFLOW_", "PATCHLINE_"))}
+    env.update(STACK=str(folder), LINE=LINE, LINE_CONFIG=str(line_config), PG_PORT=str(free_port()),
+               PREFECT_PORT=str(free_port()), MLFLOW_PORT=str(free_port()), DASK_PORT=str(free_port()),
+               HOME=str(folder), COLUMNS="250",
+               # MLflow's client retries a dead server for minutes by default; the tasks' own retries are
+               # what the fault test looks at.
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+               MLFLOW_HTTP_REQUEST_TIMEOUT="20")
+    if os.geteuid() == 0:
+        env["PG_USER"] = "postgres"
+    return env
+
+
+def write_tiny_line(folder: Path) -> Path:
+    root = folder / "line"
+    for i in range(8):
+        write_image(root / "train" / "good" / f"{i:03d}.png", textured(i))
+    for i in range(2):
+        write_image(root / "test" / "good" / f"{i:03d}.png", textured(100 + i))
+        write_image(root / "test" / "scratch" / f"{i:03d}.png", textured(200 + i, rgb=True))
+        mask = np.zeros((32, 32), np.uint8)
+        mask[10:20, 5:9] = 255
+        write_image(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
+    return write_line_config(folder / f"{LINE}.yaml", root, name=LINE)
+
+
+def kill_tree(pid: int, signum: int = signal.SIGKILL) -> None:
+    try:
+        process = psutil.Process(pid)
+        family = process.children(recursive=True) + [process]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        pytest.fail("the stack tier needs Debian's PostgreSQL: apt-get install -y postgresql")
+    # Not under pytest's 0700 folders: PostgreSQL runs as its own user when the tests run as root.
+    folder = Path(tempfile.mkdtemp(prefix="patchline-stack-", dir="/tmp"))
+    folder.chmod(0o755)
+    start, _, stop = readme_blocks()
+    env = stack_env(folder, write_tiny_line(folder))
+    exports = "\n".join(line for line in start.splitlines() if line.startswith("export "))
+    began = time.monotonic()
+    starting = subprocess.Popen(["bash", "-euo", "pipefail", "-c", start], cwd=REPO, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    stack = Stack(folder, env, exports, starting.pid)
+    try:
+        output, _ = starting.communicate(timeout=300)
+        assert starting.returncode == 0, f"README's start block failed:\n{output}\n{logs(folder)}"
+        print(f"stack started in {time.monotonic() - began:.1f} s", file=sys.stderr)
+        yield stack
+    finally:
+        stopped = stack.shell(stop, timeout_s=120)
+        print(f"README's stop block: exit {stopped.returncode}\n{stopped.stderr[-2000:]}", file=sys.stderr)
+        for pid_file in folder.glob("*.pid"):
+            kill_tree(int(pid_file.read_text()))
+        try:
+            os.killpg(starting.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def logs(folder: Path) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in sorted(folder.glob("*.log")))
+
+
+def prefect_client(stack: Stack):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class Session:
+        def __enter__(self):
+            self.settings = temporary_settings(updates={PREFECT_API_URL: f"{stack.url('PREFECT_PORT')}/api"})
+            self.settings.__enter__()
+            self.client = get_client(sync_client=True).__enter__()
+            return self.client
+
+        def __exit__(self, *exc):
+            self.client.__exit__(*exc)
+            self.settings.__exit__(*exc)
+
+    return Session()
+
+
+def flow_runs(stack: Stack) -> list:
+    """The line's flow runs, newest first."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with prefect_client(stack) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"rebuild-{LINE}"])),
+                                     sort=FlowRunSort.START_TIME_DESC)
+
+
+def task_runs(stack: Stack, flow_run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with prefect_client(stack) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def mlflow(stack: Stack):
+    from mlflow import MlflowClient
+
+    uri = stack.url("MLFLOW_PORT")
+    return MlflowClient(uri, uri)
+
+
+def line_runs(stack: Stack) -> list:
+    client = mlflow(stack)
+    experiment = client.get_experiment_by_name(f"patchline-{LINE}")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def champion(stack: Stack):
+    return mlflow(stack).get_model_version_by_alias(f"patchline-{LINE}", "champion")
+
+
+def rebuild_now(stack: Stack, *params: str) -> subprocess.CompletedProcess:
+    """README's second block (with `--param`s): the deployment run through the API, watched to its end."""
+    _, run_now, _ = readme_blocks()
+    return stack.shell(run_now.strip() + "".join(f" --param {p}" for p in params))
+
+
+def dask_scheduler(stack: Stack, function):
+    from distributed import Client
+
+    with Client(f"tcp://127.0.0.1:{stack.env['DASK_PORT']}", timeout="20s") as client:
+        return client.run_on_scheduler(function)
+
+
+def _coreset_prefixes(dask_scheduler) -> dict[str, float]:
+    return {name: prefix.all_durations.get("compute", 0.0) for name, prefix in dask_scheduler.task_prefixes.items()}
+
+
+def test_the_nightly_runs_on_the_work_pool_with_its_coreset_on_the_dask_workers(stack):
+    began = time.monotonic()
+    run = rebuild_now(stack)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{logs(stack.folder)}"
+    print(f"first rebuild on the stack in {time.monotonic() - began:.1f} s", file=sys.stderr)
+
+    flow_run = flow_runs(stack)[0]
+    assert flow_run.state.is_completed()
+    assert flow_run.work_pool_name == POOL and flow_run.deployment_id is not None
+    # The worker ran it in a process of its own: the flow run's infrastructure is a PID of the worker's child.
+    assert flow_run.infrastructure_pid
+
+    durations = dask_scheduler(stack, _coreset_prefixes)
+    assert durations.get("partition_greedy", 0) > 0, f"the coreset's greedy never ran on the scheduler: {durations}"
+    assert durations.get("route_block", 0) > 0
+
+    [run_record] = line_runs(stack)
+    assert run_record.info.status == "FINISHED"
+    # Artifacts went to the MLflow server over HTTP, into its artifact folder, not to a path of the client's.
+    assert run_record.info.artifact_uri.startswith("mlflow-artifacts:")
+    logged = {item.path for item in mlflow(stack).list_artifacts(run_record.info.run_id, "data")}
+    assert "data/manifest.csv" in logged and "data/fit_ids.txt" in logged
+    assert list((stack.folder / "mlflow-artifacts").rglob("manifest.csv"))
+    assert run_record.data.tags.get("patchline.memory_bank_digest")
+    version = champion(stack)
+    assert version.run_id == run_record.info.run_id
+
+
+def _coreset_of(stack: Stack, address: str | None) -> tuple[np.ndarray, float, str]:
+    from patchline.models.patchcore.coreset import coreset_size, greedy_coreset_dask
+    from patchline.storage.dask_cluster import dask_client
+    from patchline.storage.feature_store import FeatureStore
+    from patchline.storage.line_config import load_line
+    from patchline.storage.nearest_cache import bank_digest
+    from patchline.tasks.patchcore import feature_key
+
+    config = load_line(stack.env["LINE_CONFIG"])
+    run_id = line_runs(stack)[-1].info.run_id
+    fit_ids = Path(mlflow(stack).download_artifacts(run_id, "data/fit_ids.txt",
+                                                    str(stack.folder / f"download-{address is None}")))
+    store = FeatureStore.open(stack.folder / "home" / "features", LINE, feature_key(config), read_only=True)
+    patches = store.as_dask_array(fit_ids.read_text().split()).reshape(-1, store.patch_shape[1])
+    size = coreset_size(patches.shape[0], config.patchcore.coreset_ratio)
+    scratch = tempfile.mkdtemp(dir=stack.folder)
+    with dask_client(address):
+        coreset = greedy_coreset_dask(patches, size, projection_dim=config.patchcore.projection_dim, scratch=scratch)
+    bank = patches[np.sort(coreset.indices)].compute().astype(np.float32)
+    return np.asarray(coreset.indices), coreset.radius, bank_digest(bank)
+
+
+def test_two_worker_processes_and_the_in_process_cluster_pick_the_same_bank_bit_for_bit(stack):
+    on_workers = _coreset_of(stack, f"tcp://127.0.0.1:{stack.env['DASK_PORT']}")
+    in_process = _coreset_of(stack, None)
+    np.testing.assert_array_equal(on_workers[0], in_process[0])
+    assert on_workers[1] == in_process[1]
+    assert on_workers[2] == in_process[2]
+    # ... and that is the bank the nightly on the worker built and logged.
+    assert line_runs(stack)[-1].data.tags["patchline.memory_bank_digest"] == on_workers[2]
