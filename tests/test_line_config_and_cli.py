@@ -95,6 +95,13 @@ def test_cli_ingest_reports_bad_input_and_exits_non_zero(tmp_path, mvtec_root):
     assert result.exit_code == 2 and "PATCHLINE_MAX_IMAGE_PIXELS='0': expected a positive" in result.output
 
 
+def test_cli_deploy_to_a_work_pool_asks_for_the_prefect_server_it_lives_in(tmp_path):
+    result = runner.invoke(app, ["deploy", "elpv-mono", "--pool", "nightly"],
+                           env={"PATCHLINE_HOME": str(tmp_path), "PREFECT_API_URL": ""})
+    assert result.exit_code == 2
+    assert "--pool nightly: a work pool lives in a Prefect server; set PREFECT_API_URL" in result.output
+
+
 def test_cli_init_line_keeps_an_existing_config_unless_forced(tmp_path, mvtec_root):
     config_path = tmp_path / "widget.yaml"
     command = ["init-line", "widget", "--mvtec-root", str(mvtec_root), "--out", str(config_path)]

@@ -22,6 +22,7 @@ import cloudpickle
 import numpy as np
 import psutil
 import pytest
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from tests.conftest import textured, write_image, write_line_config
 
@@ -245,6 +246,13 @@ def test_the_nightly_runs_on_the_work_pool_with_its_coreset_on_the_dask_workers(
     assert version.run_id == run_record.info.run_id
 
 
+def test_deploying_to_a_work_pool_that_does_not_exist_names_it(stack):
+    deployed = stack.shell("patchline deploy ${LINE_CONFIG} --pool nightly-gpu", timeout_s=120)
+    assert deployed.returncode == 2
+    assert "work pool 'nightly-gpu' does not exist" in deployed.stderr
+    assert "prefect work-pool create nightly-gpu --type process" in deployed.stderr
+
+
 def _coreset_of(stack: Stack, address: str | None) -> tuple[np.ndarray, float, str]:
     from patchline.models.patchcore.coreset import coreset_size, greedy_coreset_dask
     from patchline.storage.dask_cluster import dask_client
@@ -275,3 +283,98 @@ def test_two_worker_processes_and_the_in_process_cluster_pick_the_same_bank_bit_
     assert on_workers[2] == in_process[2]
     # ... and that is the bank the nightly on the worker built and logged.
     assert line_runs(stack)[-1].data.tags["patchline.memory_bank_digest"] == on_workers[2]
+
+
+class KillOnceDuringTheGreedy(WorkerPlugin):
+    """A Dask worker plugin: the first worker to start a partition's greedy kills itself (SIGKILL, as the
+    kernel's OOM killer would); a marker file makes it happen once across all workers and restarts."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def transition(self, key, start: str, finish: str, **kwargs) -> None:
+        from dask.utils import key_split
+
+        if finish != "executing" or key_split(key) != "partition_greedy":
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _workers(dask_scheduler) -> int:
+    return len(dask_scheduler.workers)
+
+
+def test_a_dask_worker_killed_during_the_coreset_gives_the_same_bank_or_a_failure_naming_it(stack):
+    from distributed import Client
+
+    first = line_runs(stack)[-1].data.tags["patchline.memory_bank_digest"]
+    marker = stack.folder / "killed-worker.txt"
+    with Client(f"tcp://127.0.0.1:{stack.env['DASK_PORT']}", timeout="20s") as client:
+        client.register_plugin(KillOnceDuringTheGreedy(str(marker)), name="kill-once")
+        try:
+            run = rebuild_now(stack, "force=true")
+        finally:
+            client.unregister_worker_plugin("kill-once")
+    assert marker.exists(), "no worker started a partition's greedy, so none was killed"
+    assert not psutil.pid_exists(int(marker.read_text())), "the killed worker is still there"
+    flow_run = flow_runs(stack)[0]
+    if run.returncode == 0:
+        # The scheduler ran the lost worker's tasks again elsewhere: the bank must be the same one.
+        assert line_runs(stack)[0].data.tags["patchline.memory_bank_digest"] == first
+    else:
+        assert "KilledWorker" in (flow_run.state.message or ""), flow_run.state.message
+        assert champion(stack).run_id == line_runs(stack)[-1].info.run_id
+    print(f"worker killed during the coreset: rebuild exit {run.returncode}, {flow_run.state.name}", file=sys.stderr)
+    # The worker's nanny starts a new worker process in its place.
+    deadline = time.monotonic() + 60
+    while dask_scheduler(stack, _workers) < 2:
+        assert time.monotonic() < deadline, "the killed worker was not replaced"
+        time.sleep(1)
+
+
+def test_the_mlflow_server_stopped_during_a_rebuild_fails_it_visibly_and_the_next_run_succeeds(stack):
+    start, _, _ = readme_blocks()
+    before = champion(stack).version
+    known = {run.id for run in flow_runs(stack)}
+    rebuilding = subprocess.Popen(["bash", "-euo", "pipefail", "-c",
+                                   f"{stack.exports}\n{readme_blocks()[1].strip()} --param force=true"],
+                                  cwd=REPO, env=stack.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+    # Stopped once the rebuild has scored everything: its logging then meets a dead server.
+    deadline = time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline, "the rebuild never reached its evaluation"
+        new = [run for run in flow_runs(stack) if run.id not in known]
+        names = {task.name.rsplit("-", 1)[0]: task for task in task_runs(stack, new[0].id)} if new else {}
+        if "evaluate" in names:
+            assert "log-to-mlflow" not in names, "the rebuild logged before the server could be stopped"
+            break
+        time.sleep(0.2)
+    kill_tree(stack.pid("mlflow-server"), signal.SIGTERM)
+    output, _ = rebuilding.communicate(timeout=300)
+    assert rebuilding.returncode != 0, output[-3000:]
+
+    flow_run = flow_runs(stack)[0]
+    assert flow_run.id == new[0].id and flow_run.state.is_failed()
+    logging = [task for task in task_runs(stack, flow_run.id) if task.name.startswith("log-to-mlflow")]
+    assert len(logging) == 1 and logging[0].state.is_failed()
+    assert logging[0].run_count == 3, "the logging task's two retries do not show in Prefect"
+
+    # The server comes back the way it was started; the gate never ran, so `champion` has not moved.
+    [restart] = [line for line in start.splitlines() if "mlflow server" in line]
+    [health] = [line for line in start.splitlines() if "MLFLOW_TRACKING_URI/health" in line]
+    restarted = stack.shell(f"{restart}\n{health}", timeout_s=120)
+    assert restarted.returncode == 0, restarted.stderr
+    assert champion(stack).version == before
+    run = rebuild_now(stack, "force=true")
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{logs(stack.folder)}"
+    runs = line_runs(stack)
+    assert runs[0].info.status == "FINISHED"
+    # The run the dead server left RUNNING was marked by the next rebuild.
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
