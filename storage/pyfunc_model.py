@@ -38,7 +38,9 @@ _PACKAGE_PARTS = ["models", "storage", "tasks", "flows", "deployments"]
 
 class PatchlineModel(PythonModel):
     """Scores a batch of images; returns a dict of arrays: `score` and `decision` of the line's deciding
-    detector, `threshold`, `anomaly_map` (N, S, S), and `score_<detector>` for every detector of the line.
+    detector, `threshold`, `anomaly_map` (N, S, S), `score_<detector>` for every detector of the line, and
+    each of those scores on the 0..1 scale (0.5 at its threshold) as `score_unit`, `score_unit_<detector>`
+    (NaN for versions calibrated before the 0..1 scale).
 
     Inputs (in process, or as the JSON body MLflow's `/invocations` parses):
     - pixels: a uint8 array (N, H, W) / (N, H, W, C), or a list of uint8 images; integer arrays with
@@ -59,17 +61,21 @@ class PatchlineModel(PythonModel):
         images = as_images(model_input)
         detections = self.detector.score(images)
         chosen, decisions, threshold = self.detector.decide(detections)
+        calibration = self.detector.calibration
         output = {"score": chosen.scores, "decision": decisions,
-                  "threshold": np.full(len(images), threshold, np.float32), "anomaly_map": chosen.maps}
+                  "threshold": np.full(len(images), threshold, np.float32), "anomaly_map": chosen.maps,
+                  "score_unit": calibration.unit_scores(calibration.decision_detector, chosen.scores)}
         output.update({f"score_{name}": d.scores for name, d in detections.items()})
+        output.update({f"score_unit_{name}": calibration.unit_scores(name, d.scores) for name, d in detections.items()})
         return output
 
 
 # Outputs only: an input schema would make MLflow validate inputs against one form. Every line's model
-# also returns `score_<detector>` per detector it enables.
+# also returns `score_<detector>` and `score_unit_<detector>` per detector it enables.
 SIGNATURE = ModelSignature(outputs=Schema([
     TensorSpec(np.dtype(np.float32), (-1,), "score"), TensorSpec(np.dtype(bool), (-1,), "decision"),
-    TensorSpec(np.dtype(np.float32), (-1,), "threshold"), TensorSpec(np.dtype(np.float32), (-1, -1, -1), "anomaly_map")]))
+    TensorSpec(np.dtype(np.float32), (-1,), "threshold"), TensorSpec(np.dtype(np.float32), (-1, -1, -1), "anomaly_map"),
+    TensorSpec(np.dtype(np.float32), (-1,), "score_unit")]))
 
 
 def as_images(model_input) -> list[np.ndarray]:

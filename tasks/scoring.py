@@ -16,7 +16,7 @@ from patchline.storage.plots import save_heatmap_overlay
 from patchline.storage.registry import champion_version, registered_model_name
 from patchline.storage.tracking import configure_mlflow
 
-CSV_COLUMNS = ["index", "path", "score", "decision", "threshold", "model_version", "heatmap", "error"]
+CSV_COLUMNS = ["index", "path", "score", "score_unit", "decision", "threshold", "model_version", "heatmap", "error"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,9 @@ def score_batch_task(champion: ChampionModel, batch: list[tuple[ScoreInput, np.n
     rows = []
     for i, (item, pixels) in enumerate(batch):
         heatmap = Path("heatmaps") / f"{item.index:05d}_{item.path.stem}.png"
+        unit = result["score_unit"][i]
         rows.append({"index": item.index, "path": str(item.path), "score": f"{result['score'][i]:.6f}",
+                     "score_unit": "" if np.isnan(unit) else f"{unit:.6f}",
                      "decision": "anomalous" if result["decision"][i] else "good",
                      "threshold": f"{result['threshold'][i]:.6f}", "model_version": champion.version,
                      "heatmap": str(heatmap), "error": ""})

@@ -118,7 +118,8 @@ def test_champion_is_served_over_mlflow_rest_and_scores_as_in_process(first_rebu
             status, answer = post_json(f"{server.url}/invocations", body)
             assert status == 200, answer
             served = answer["predictions"]
-            for key in ("score", "threshold", "score_patchcore", "score_oesdn", "score_fused"):
+            for key in ("score", "threshold", "score_patchcore", "score_oesdn", "score_fused", "score_unit",
+                        "score_unit_patchcore", "score_unit_fused"):
                 np.testing.assert_allclose(served[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
             assert served["decision"] == expected["decision"].tolist()
             np.testing.assert_allclose(served["anomaly_map"], expected["anomaly_map"], rtol=0, atol=1e-5)
@@ -262,6 +263,10 @@ def test_batch_scoring_gives_every_input_one_row_and_its_own_heat_map(first_rebu
     champion = str(champion_version(configure_mlflow(), LINE).version)
     for path in ("incoming/cell0.png", "incoming/cell1.png", "incoming/cell2.png", "incoming/nosuffix"):
         assert flat[path]["decision"] in ("good", "anomalous") and flat[path]["model_version"] == champion
+        # The 0..1 score is on the same side of 0.5 as the raw score is of its threshold.
+        unit = float(flat[path]["score_unit"])
+        assert 0 <= unit <= 1
+        assert (unit > 0.5) == (float(flat[path]["score"]) > float(flat[path]["threshold"]))
     assert float(flat["incoming/nosuffix"]["score"]) == pytest.approx(float(flat["incoming/cell1.png"]["score"]), abs=1e-4)
     deep = scored(recursive=True)
     assert "incoming/sub" not in deep

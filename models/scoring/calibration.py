@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from patchline.models.scoring.detection import Detections
 from patchline.models.scoring.metrics import fit_fusion_normalisers, fuse_scores, threshold_from_good_scores
+from patchline.models.scoring.unit_scale import fit_unit_slope, unit_scores
 
 FUSED = "fused"
 
@@ -29,6 +30,16 @@ class Calibration:
     # Weights of the normalised scores in `fused` (None = alike); kept here so a deployed model fuses
     # exactly as the rebuild that set its fused threshold did.
     fusion_weights: dict[str, float] | None = None
+    # Per detector, the slope of its 0..1 score (models/scoring/unit_scale.py), and the share of good
+    # images its threshold was set to flag; None in versions calibrated before the 0..1 scores.
+    unit_slopes: dict[str, float] | None = None
+    target_false_positive_rate: float | None = None
+
+    def unit_scores(self, name: str, scores: np.ndarray) -> np.ndarray:
+        """Detector `name`'s raw scores on the 0..1 scale (0.5 = its threshold); NaN when uncalibrated for it."""
+        if not self.unit_slopes or name not in self.unit_slopes:
+            return np.full(len(scores), np.nan, np.float32)
+        return unit_scores(scores, self.thresholds[name], self.unit_slopes[name])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -47,11 +58,12 @@ def fit_calibration(good: dict[str, Detections], percentile: float, decision_det
         if not any(fusion_weights.values()):
             raise ValueError(f"fusion_weights give every detector of this run ({sorted(good)}) weight 0")
     fused = fuse_scores({name: d.scores for name, d in good.items()}, normalisers, fusion_weights)
-    thresholds = {name: threshold_from_good_scores(d.scores, percentile) for name, d in good.items()}
-    thresholds[FUSED] = threshold_from_good_scores(fused, percentile)
+    good_scores = {**{name: d.scores for name, d in good.items()}, FUSED: fused}
+    thresholds = {name: threshold_from_good_scores(scores, percentile) for name, scores in good_scores.items()}
     if decision_detector not in thresholds:
         raise ValueError(f"decision detector {decision_detector!r} is not one of {sorted(thresholds)}")
-    return Calibration(normalisers, thresholds, decision_detector, fusion_weights)
+    slopes = {name: fit_unit_slope(scores, thresholds[name]) for name, scores in good_scores.items()}
+    return Calibration(normalisers, thresholds, decision_detector, fusion_weights, slopes, 1 - percentile / 100)
 
 
 def fuse(detections: dict[str, Detections], calibration: Calibration) -> Detections:
