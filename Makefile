@@ -17,7 +17,7 @@ setup: $(STAMP)
 # machine resolves nothing new (prefect 3.8 breaks at run time with newer fastapi / SQLAlchemy).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench,cluster]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,bench,cluster,export]'
 	touch $@
 
 run: $(STAMP)

@@ -1,7 +1,8 @@
 """The detector interface, and the one registry of the detectors a line can enable.
 
 A detector scores uint8 images into `Detections` with maps at the line's image size, saves its fitted
-parts into a model bundle folder and loads them back. Adding one means its module, its entry here and
+parts into a model bundle folder and loads them back, and gives its scoring of one image as a module
+that ONNX export traces (models/export_graph.py). Adding one means its module, its entry here and
 its config section (`models/config.py`); fitting it is a task of the rebuild flow.
 """
 
@@ -25,6 +26,9 @@ class Detector(Protocol):
     def score(self, images: Sequence[np.ndarray], progress: bool = False) -> Detections: ...
 
     def save(self, folder: Path) -> None: ...
+
+    def graph(self) -> torch.nn.Module:
+        """(1, 3, H, W) float pixels in [0, 1] → (image score (1,), map (1, S, S)), as `score` computes them."""
 
 
 Loader = Callable[[Path, LineConfig, torch.device | None], Detector]

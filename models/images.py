@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from patchline.models.image_arrays import colour_channels
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -22,15 +24,8 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int, channels: int = 3)
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     tensors = []
     for index, image in enumerate(images):
-        array = np.asarray(image)
-        if array.dtype != np.uint8:
-            raise ValueError(f"image {index}: expected uint8 pixels, got {array.dtype}")
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-            raise ValueError(f"image {index}: expected (H, W) or (H, W, 1|3|4), got {array.shape}")
         # np.array copies: torch must not alias read-only arrays (the cached ELPV set is read-only).
-        tensors.append(torch.from_numpy(np.array(array[:, :, :3])).permute(2, 0, 1))
+        tensors.append(torch.from_numpy(np.array(colour_channels(image, index))).permute(2, 0, 1))
     if not tensors:
         return torch.empty((0, channels, size, size))
     # Resizing before replicating grey to 3 channels does a third of the work (~40 % of extraction).
@@ -44,6 +39,12 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int, channels: int = 3)
 def _resize(batch: torch.Tensor, size: int) -> torch.Tensor:
     if batch.shape[2:] == (size, size):
         return batch
+    return resize_exportable(batch, size)
+
+
+def resize_exportable(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """The resize of `images_to_tensor` for any input size, also when it is already `size` (where it is
+    the identity), so an exported graph needs no branch on the input's shape."""
     return F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 

@@ -323,6 +323,32 @@ def nightly_command(
         raise typer.Exit(code=1)
 
 
+@app.command("export")
+def export_command(
+    line: LineArg,
+    out: Annotated[Path, typer.Option(help="Folder for model.onnx and line.json.")],
+    version: Annotated[str | None, typer.Option(help="Model version to export; default: the champion.")] = None,
+    format: Annotated[str, typer.Option("--format", help="Export format; onnx (run by ONNX Runtime).")] = "onnx",
+) -> None:
+    """Export a line's model version as one ONNX graph, checked to score as the version does, for
+    `patchline.runtime.ExportedLine` (NumPy and ONNX Runtime, no PyTorch)."""
+    _require_home()
+    if format != "onnx":
+        _fail(ValueError(f"--format {format}: only onnx is supported (openvino: not yet, see issue 24's note)"))
+    _require_writable(out, "--out")
+    config = _load(line)
+    from patchline.storage.export import ExportError, export_version
+    from patchline.storage.tracking import configure_mlflow
+
+    try:
+        exported = export_version(configure_mlflow(), config.name, out, version)
+    except ExportError as error:
+        _fail(error)
+    typer.echo(f"exported {config.name} version {exported.version} to {out} (model.onnx, line.json); against the "
+               f"version's own scoring: scores within {exported.max_rel_score_diff:.1e} relative, maps within "
+               f"{exported.max_map_diff:.1e}")
+
+
 @app.command("score")
 def score_command(
     line: LineArg,

@@ -39,6 +39,25 @@ def write_line_config(path: Path, root: Path, *, name: str = "widget", image_siz
     return path
 
 
+def write_elpv_line(root: Path, train: int, test_good: int,
+                    test_cracked: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real mono ELPV cells in the MVTec layout: the first `train` good cells to train on, the next
+    `test_good` and the first `test_cracked` of the defective ones (probability 1) to test on. Returns
+    (all cells, good indices, defective indices), so a caller can take cells the line has not seen."""
+    from patchline.storage.sources.elpv import elpv_arrays
+
+    images, levels, types = elpv_arrays()
+    good = np.flatnonzero((levels == 0) & (types == "mono"))
+    bad = np.flatnonzero((levels == 3) & (types == "mono"))
+    for i, index in enumerate(good[:train]):
+        write_image(root / "train" / "good" / f"{i:03d}.png", images[index])
+    for i, index in enumerate(good[train:train + test_good]):
+        write_image(root / "test" / "good" / f"{i:03d}.png", images[index])
+    for i, index in enumerate(bad[:test_cracked]):
+        write_image(root / "test" / "crack" / f"{i:03d}.png", images[index])
+    return images, good, bad
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A decompression bomb's header: a few dozen bytes of valid PNG claiming `width` x `height` pixels."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -99,7 +99,9 @@ def test_one_rebuild_per_line_and_a_killed_one_is_cleaned_up_by_the_next(mvtec_r
     assert not list((tmp_path / "home" / "runs" / "widget").iterdir()), "no work folder outlives its run"
     assert "was left RUNNING by a killed rebuild: marked KILLED" in third.stderr
     assert "was left RUNNING by a killed rebuild: marked CRASHED" in third.stderr
-    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
+    # The registry too: without it MlflowClient takes the registry URI an earlier test set in this process.
+    client = MlflowClient(store, store)
     runs = client.search_runs([client.get_experiment_by_name("patchline-widget").experiment_id])
     assert sorted(run.info.status for run in runs) == ["FINISHED", "KILLED"]
     killed = next(run for run in runs if run.info.status == "KILLED")
@@ -221,7 +223,9 @@ def test_a_kill_during_extraction_then_two_rebuilds_at_once_on_the_stored_featur
     # The one that waited finds the other's champion built from the same images and settings.
     assert "many: unchanged since v1: same images and model settings" in waited[0], waited[0]
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}"
+    # The registry too: without it MlflowClient takes the registry URI an earlier test set in this process.
+    client = MlflowClient(store, store)
     runs = client.search_runs([client.get_experiment_by_name("patchline-many").experiment_id])
     assert sorted(run.info.status for run in runs) == ["FINISHED", "FINISHED", "KILLED"]
     assert sum("patchline.skipped" in run.data.tags for run in runs) == 1

@@ -17,11 +17,10 @@ from patchline.storage.ingest import build_manifest
 from patchline.storage.manifest import hold_out_calibration
 from patchline.storage.nearest_cache import NearestCache, bank_digest
 from patchline.storage.registry import registered_model_name
-from patchline.storage.sources.elpv import elpv_arrays
 from patchline.storage.tracking import configure_mlflow
 from patchline.tasks.patchcore import feature_key, feature_root
 from patchline.tasks.tracking import REUSE_TAG
-from tests.conftest import write_image
+from tests.conftest import write_elpv_line, write_image
 
 LINE = "cells-grow"
 
@@ -30,15 +29,7 @@ LINE = "cells-grow"
 def line(tmp_path_factory) -> tuple[Path, LineConfig, list[np.ndarray]]:
     """(The line's folder with 16 good training cells and a test split, its config, 4 more good cells)."""
     root = tmp_path_factory.mktemp("cells")
-    images, levels, types = elpv_arrays()
-    good = np.flatnonzero((levels == 0) & (types == "mono"))
-    bad = np.flatnonzero((levels == 3) & (types == "mono"))
-    for i, index in enumerate(good[:16]):
-        write_image(root / "train" / "good" / f"{i:03d}.png", images[index])
-    for i, index in enumerate(good[16:26]):
-        write_image(root / "test" / "good" / f"{i:03d}.png", images[index])
-    for i, index in enumerate(bad[:10]):
-        write_image(root / "test" / "crack" / f"{i:03d}.png", images[index])
+    images, good, _ = write_elpv_line(root, train=16, test_good=10, test_cracked=10)
     config = LineConfig(
         name=LINE, source=MvtecSource(root=root), image_size=64,
         patchcore=PatchCoreConfig(coreset_ratio=0.1),

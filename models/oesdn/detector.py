@@ -11,6 +11,7 @@ import torch
 from patchline.models.config import LineConfig, OeSdnConfig
 from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.oesdn.checkpoint import load_autoencoder, load_sdn, save_network
+from patchline.models.oesdn.graph import ReconstructionGraph
 from patchline.models.oesdn.scoring import score_autoencoder, score_oesdn
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
 from patchline.models.scoring.calibration import resize_maps
@@ -27,6 +28,9 @@ class AutoencoderDetector:
 
     def score(self, images: Sequence[np.ndarray], progress: bool = False) -> Detections:
         return resize_maps(score_autoencoder(self.autoencoder, images, self.config), self.map_size)
+
+    def graph(self) -> ReconstructionGraph:
+        return ReconstructionGraph(self.autoencoder, None, self.config, self.map_size)
 
     def save(self, folder: Path) -> None:
         save_network(self.autoencoder, folder / AE)
@@ -45,6 +49,9 @@ class OeSdnDetector:
 
     def score(self, images: Sequence[np.ndarray], progress: bool = False) -> Detections:
         return resize_maps(score_oesdn(self.autoencoder, self.sdn, images, self.config), self.map_size)
+
+    def graph(self) -> ReconstructionGraph:
+        return ReconstructionGraph(self.autoencoder, self.sdn, self.config, self.map_size)
 
     def save(self, folder: Path) -> None:
         save_network(self.autoencoder, folder / AE)

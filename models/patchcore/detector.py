@@ -12,6 +12,7 @@ import torch
 
 from patchline.models.config import LineConfig
 from patchline.models.patchcore.backbones import backbone_weights_file
+from patchline.models.patchcore.graph import PatchCoreGraph
 from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
 from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.scoring.detection import Detections, gather_detections
@@ -41,6 +42,9 @@ class PatchCoreDetector:
     def score(self, images: Sequence[np.ndarray], progress: bool = False) -> Detections:
         batches = self.extractor.extract_images(images, progress)
         return gather_detections(map(self.score_features, batches), len(images))
+
+    def graph(self) -> PatchCoreGraph:
+        return PatchCoreGraph(self.extractor, self.scorer)
 
     def save(self, folder: Path) -> None:
         """The bank and the backbone's weights file, so scoring needs no weight package installed."""

@@ -40,17 +40,8 @@ class PatchFeatureExtractor:
         if self.config.normalise_brightness:
             batch = median_to_mid_grey(batch)
         maps = self.backbone(batch)
-        size = self.config.neighbourhood
         with torch.inference_mode():
-            # Zero padding counted in the average (as PatchCore's reference pooling does) damps border
-            # patches. Averaging only the in-map pixels instead measured lower on elpv-mono at the peer
-            # settings of issue 10: image AUROC 0.9386 / 0.9393 vs 0.9460 / 0.9473 (exact greedy, seeds 0 / 1).
-            pooled = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=True) for m in maps]
-            upsampled = [pooled[0]] + [F.interpolate(p, size=self.grid, mode="bilinear", align_corners=False)
-                                       for p in pooled[1:]]
-            features = torch.cat(upsampled, dim=1).permute(0, 2, 3, 1).flatten(1, 2)
-            if self.config.target_dim is not None:
-                features = F.adaptive_avg_pool1d(features, self.config.target_dim)
+            features = locally_aware_features(maps, self.config, self.grid)
             return np.ascontiguousarray(features.float().cpu().numpy())
 
     def extract_images(self, images: Sequence[np.ndarray], progress: bool = True) -> Iterator[np.ndarray]:
@@ -61,8 +52,24 @@ class PatchFeatureExtractor:
             yield self.extract(images_to_tensor(images[start:start + batch_size], self.image_size))
 
 
+def locally_aware_features(maps: list[torch.Tensor], config: PatchCoreConfig, grid: tuple[int, int]) -> torch.Tensor:
+    """The tapped stages' maps → (N, H*W, D) patch features on `grid`."""
+    size = config.neighbourhood
+    # Zero padding counted in the average (as PatchCore's reference pooling does) damps border
+    # patches. Averaging only the in-map pixels instead measured lower on elpv-mono at the peer
+    # settings of issue 10: image AUROC 0.9386 / 0.9393 vs 0.9460 / 0.9473 (exact greedy, seeds 0 / 1).
+    pooled = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=True) for m in maps]
+    upsampled = [pooled[0]] + [F.interpolate(p, size=grid, mode="bilinear", align_corners=False) for p in pooled[1:]]
+    features = torch.cat(upsampled, dim=1).permute(0, 2, 3, 1).flatten(1, 2)
+    if config.target_dim is not None:
+        features = F.adaptive_avg_pool1d(features, config.target_dim)
+    return features
+
+
 def median_to_mid_grey(batch: torch.Tensor) -> torch.Tensor:
     """Scale each image of a (N, C, H, W) batch in [0, 1] so its median is 0.5, clipped to [0, 1]."""
-    # The floor keeps an all-black image finite (it stays black).
-    median = batch.flatten(1).median(dim=1).values.clamp_min(1 / 255)
+    # The lower median (torch.median's) by top-k, which ONNX has (models/patchcore/graph.py); the floor
+    # keeps an all-black image finite (it stays black).
+    flat = batch.flatten(1)
+    median = flat.topk((flat.shape[1] - 1) // 2 + 1, dim=1, largest=False).values[:, -1].clamp_min(1 / 255)
     return (batch * (0.5 / median).view(-1, 1, 1, 1)).clamp(0.0, 1.0)

@@ -1,0 +1,98 @@
+"""Scoring a line's test split end to end, PyTorch (the MLflow model) against its ONNX export (issue 24).
+
+    python -m benchmarks.scoring [--line elpv-mono] [--home DIR]
+
+Without `--home`, the line is rebuilt first under a temporary PATCHLINE_HOME (deleted afterwards); with
+it, that home's champion of the line is used (rebuilt there when it has none). The champion is exported
+with `patchline export`'s code, then the test images, decoded once, are scored by both with 2 threads:
+from uint8 pixels to every detector's score and the deciding detector's 256 px map. `max_rel_diff` is the
+largest relative difference of any detector's image score (absolute for `fused`, a z-score); AUROCs are the deciding score's image AUROC.
+OpenVINO is not exported yet (`openvino_img_s=nan`). Ends with one line:
+    scoring line=<l> images=<n> torch_img_s=<x> onnx_img_s=<y> openvino_img_s=nan max_rel_diff=<d> auroc_torch=<a> auroc_export=<b>
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from patchline.storage.line_config import load_line  # noqa: E402
+
+THREADS = 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--line", default="elpv-mono", help="a bundled line or a line config path")
+    parser.add_argument("--home", type=Path, help="a PATCHLINE_HOME whose champion of the line to use (kept)")
+    args = parser.parse_args()
+    config = load_line(args.line)
+    home = args.home or Path(tempfile.mkdtemp(prefix="patchline-scoring-benchmark-"))
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["PATCHLINE_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from patchline.storage.paths import configure_environment
+    configure_environment()
+    # Prefect, MLflow and torch are imported only now, so they pick up the home.
+    import mlflow
+    import torch
+
+    from patchline.deployments.services import local_prefect_api
+    from patchline.flows.rebuild import rebuild_product_line
+    from patchline.models.scoring.metrics import image_auroc
+    from patchline.runtime import ExportedLine
+    from patchline.storage.export import export_version, score_difference
+    from patchline.storage.ingest import build_manifest
+    from patchline.storage.pixels import read_pixels
+    from patchline.storage.registry import champion_version, registered_model_name
+    from patchline.storage.tracking import configure_mlflow
+
+    try:
+        client = configure_mlflow()
+        if champion_version(client, config.name) is None:
+            print(f"rebuilding {config.name} under {home}", file=sys.stderr)
+            with local_prefect_api():
+                rebuild_product_line(config)
+        out = home / "export" / config.name
+        exported = export_version(client, config.name, out)
+        print(f"exported version {exported.version} to {out}", file=sys.stderr)
+        # The protocol's test images: ELPV's ambiguous cells (defect probability 1/3, 2/3) are left out.
+        test = [row for row in build_manifest(config).rows if row.split == "test" and row.label != "ambiguous"]
+        images = [read_pixels(row.source) for row in test]
+        is_anomaly = np.array([row.label != "good" for row in test])
+
+        torch.set_num_threads(THREADS)
+        model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{exported.version}")
+        model.predict(images[:2])
+        started = time.perf_counter()
+        expected = model.predict(images)
+        torch_s = time.perf_counter() - started
+        runtime = ExportedLine(out, threads=THREADS)
+        runtime.score(images[:2])
+        started = time.perf_counter()
+        found = runtime.score(images)
+        onnx_s = time.perf_counter() - started
+    finally:
+        if args.home is None:
+            shutil.rmtree(home, ignore_errors=True)
+    detectors = [key.removeprefix("score_") for key in expected if key.startswith("score_") and "unit" not in key]
+    max_rel = max(score_difference(name, found[f"score_{name}"], expected[f"score_{name}"]) for name in detectors)
+    decisions_equal = bool(np.array_equal(found["decision"], expected["decision"]))
+    print(f"{len(images)} test images; decisions equal: {decisions_equal}", file=sys.stderr)
+    print(f"scoring line={config.name} images={len(images)} torch_img_s={len(images) / torch_s:.1f} "
+          f"onnx_img_s={len(images) / onnx_s:.1f} openvino_img_s=nan max_rel_diff={max_rel:.2e} "
+          f"auroc_torch={image_auroc(expected['score'], is_anomaly):.4f} "
+          f"auroc_export={image_auroc(found['score'], is_anomaly):.4f}")
+
+
+if __name__ == "__main__":
+    main()
