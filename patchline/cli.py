@@ -334,7 +334,8 @@ def export_command(
     `patchline.runtime.ExportedLine` (NumPy and ONNX Runtime, no PyTorch)."""
     _require_home()
     if format != "onnx":
-        _fail(ValueError(f"--format {format}: only onnx is supported (openvino: not yet, see issue 24's note)"))
+        _fail(ValueError(f"--format {format}: only onnx is supported for now "
+                         "(OpenVINO does not pass the parity check yet)"))
     _require_writable(out, "--out")
     config = _load(line)
     from patchline.storage.export import ExportError, export_version
