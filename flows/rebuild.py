@@ -15,7 +15,7 @@ from patchline.tasks.incremental import find_reusable_champion_task
 from patchline.tasks.ingest import LineData, ingest_line
 from patchline.tasks.line_lock import clear_killed_runs_task, rebuild_lock
 from patchline.tasks.oesdn import score_reconstruction_task, train_autoencoder_task, train_sdn_task
-from patchline.tasks.packaging import package_model_task
+from patchline.tasks.packaging import export_model_task, package_model_task
 from patchline.tasks.patchcore import build_memory_bank_task, extract_features_task, score_patchcore_task, select_coreset_task
 from patchline.tasks.tracking import (
     GateOutcome, StartedRun, UnchangedChampion, check_tracking_task, find_unchanged_champion_task, finish_run_task,
@@ -111,9 +111,10 @@ def _rebuild(config: LineConfig, run: StartedRun, data: LineData, started: float
         test_set["darkness"] = score_darkness_task(config, data.test)
     evaluation = evaluate_task(config, data.test, calibration_set, test_set, run.work_dir / "plots")
     bundle = package_model_task(config, evaluation.calibration, run.work_dir / "bundle", bank, autoencoder, sdn)
+    export = export_model_task(config, bundle, run.work_dir / "export")
     extra["time_until_logging_s"] = time.perf_counter() - started
     model_uri = log_rebuild_task(run.run_id, config, data, evaluation, histories, extra, reuse, tags, bundle,
-                                 run.work_dir)
+                                 export, run.work_dir)
     outcome = register_and_gate_task(config, run.run_id, model_uri, data, evaluation)
     extra["time_total_s"] = time.perf_counter() - started
     return outcome, evaluation, extra, reuse

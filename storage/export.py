@@ -1,5 +1,6 @@
-"""`patchline export`: a registered model version as an ONNX graph plus the JSON the runtime scorer
-(`patchline.runtime`) reads, checked against the version's own PyTorch scoring before it is written."""
+"""`patchline export` and the nightly's `export_onnx`: a registered model version (or a rebuild's bundle)
+as an ONNX graph plus the JSON the runtime scorer (`patchline.runtime`) reads, checked against its own
+PyTorch scoring before it is written."""
 
 from __future__ import annotations
 
@@ -37,19 +38,14 @@ class ExportError(ValueError):
 @dataclass(frozen=True)
 class Export:
     folder: Path
-    version: str
+    version: str | None  # None: exported by the rebuild that logs it, before its version was registered
     max_rel_score_diff: float
     max_map_diff: float
 
 
 def export_version(client: MlflowClient, line: str, out: Path, version: str | None = None,
                    check_images: list[np.ndarray] | None = None) -> Export:
-    """Export `version` (default: the champion) of `line` into `out` (model.onnx, line.json), after
-    scoring `check_images` (default: a few synthetic ones) both ways; `ExportError` if they differ."""
-    missing = [module for module in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(module) is None]
-    if missing:
-        raise ExportError(f"exporting needs {', '.join(missing)}: install patchline's export extra "
-                          "(pip install -c constraints.txt 'patchline[export]')")
+    """Export `version` (default: the champion) of `line` into `out` (`export_bundle`)."""
     name = registered_model_name(line)
     if version is None:
         champion = champion_version(client, line)
@@ -65,13 +61,24 @@ def export_version(client: MlflowClient, line: str, out: Path, version: str | No
         bundles = [path.parent for path in downloaded.rglob(CONFIG)]
         if len(bundles) != 1:
             raise ExportError(f"{name} version {version}: expected one model bundle, found {len(bundles)}")
-        detector = load_bundle(bundles[0], torch.device("cpu"))
-        staged = Path(scratch) / "export"
-        staged.mkdir()
+        return export_bundle(bundles[0], out, version, check_images)
+
+
+def export_bundle(bundle: Path, out: Path, version: str | None = None,
+                  check_images: list[np.ndarray] | None = None) -> Export:
+    """A model bundle (storage/model_bundle.py) into `out` (model.onnx, line.json), after scoring
+    `check_images` (default: a few synthetic ones) both ways; `ExportError` if they differ."""
+    missing = [module for module in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ExportError(f"exporting needs {', '.join(missing)}: install patchline's export extra "
+                          "(pip install -c constraints.txt 'patchline[export]')")
+    detector = load_bundle(bundle, torch.device("cpu"))
+    with tempfile.TemporaryDirectory(prefix="patchline-export-") as scratch:
+        staged = Path(scratch)
         export_onnx(detector, staged / MODEL)
-        calibration = detector.calibration
-        metadata = {"format": FORMAT, "line": line, "version": version, "image_size": detector.config.image_size,
-                    "runtime": "onnxruntime", **json.loads(calibration.to_json())}
+        metadata = {"format": FORMAT, "line": detector.config.name, "version": version,
+                    "image_size": detector.config.image_size, "runtime": "onnxruntime",
+                    **json.loads(detector.calibration.to_json())}
         (staged / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         score_diff, map_diff = check_parity(detector, ExportedLine(staged), check_images or _check_images())
         metadata["parity"] = {"max_rel_score_diff": score_diff, "max_map_diff": map_diff}

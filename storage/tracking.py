@@ -121,10 +121,10 @@ def config_params(config: LineConfig) -> dict[str, str]:
 
 DATA_FINGERPRINT_TAG = "patchline.data_fingerprint"
 MODEL_CONFIG_TAG = "patchline.model_config_fingerprint"
-# Settings that say when, where or how a line is rebuilt and described, not which model it gets.
+# Settings that say when, where or how a line is rebuilt, described and exported, not which model it gets.
 # Which images a line reads is the data fingerprint's business (source, on_bad_input): a moved folder or
 # a few more images must not count as other model settings, or no rebuild could reuse its champion.
-_NOT_MODEL_SETTINGS = ("description", "schedule", "dask_address", "source", "on_bad_input")
+_NOT_MODEL_SETTINGS = ("description", "schedule", "dask_address", "source", "on_bad_input", "export_onnx")
 
 
 def model_config_fingerprint(config: LineConfig) -> str:

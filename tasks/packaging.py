@@ -1,10 +1,10 @@
-"""Packaging a rebuild's fitted detectors as the model bundle the MLflow model carries."""
+"""Packaging a rebuild's fitted detectors as the model bundle the MLflow model carries, and its ONNX export."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from patchline.models.config import LineConfig
@@ -13,6 +13,7 @@ from patchline.models.detectors import Detector
 from patchline.models.patchcore.detector import PatchCoreDetector
 from patchline.models.patchcore.memory_bank import MemoryBank
 from patchline.models.scoring.calibration import Calibration
+from patchline.storage.export import export_bundle
 from patchline.storage.model_bundle import save_bundle
 from patchline.tasks.oesdn import TrainedNetwork, reconstruction_detectors
 
@@ -29,3 +30,16 @@ def package_model_task(config: LineConfig, calibration: Calibration, folder: Pat
     if "darkness" in config.evaluation.detectors:
         detectors["darkness"] = DarknessDetector(config.image_size)
     return save_bundle(folder, config, calibration, detectors)
+
+
+# No retries: an export that does not score as the bundle does will not on a second try.
+@task(name="export-onnx", cache_policy=NO_CACHE)
+def export_model_task(config: LineConfig, bundle: Path, folder: Path) -> Path | None:
+    """With the line's `export_onnx`, the bundle exported into `folder` and checked for parity (else None):
+    a failed check fails the rebuild before anything is logged or registered."""
+    if not config.export_onnx:
+        return None
+    exported = export_bundle(bundle, folder)
+    get_run_logger().info("exported to ONNX: scores within %.1e (relative) of the bundle's, maps within %.1e",
+                          exported.max_rel_score_diff, exported.max_map_diff)
+    return folder

@@ -147,9 +147,11 @@ def finish_run_task(run: StartedRun, error: str | None = None) -> None:
 @task(name="log-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation: Evaluation,
                      histories: dict[str, dict[str, list[float]]], extra_metrics: dict[str, float],
-                     reuse: dict[str, str], tags: dict[str, str], bundle: Path, work_dir: Path) -> str:
+                     reuse: dict[str, str], tags: dict[str, str], bundle: Path, export: Path | None,
+                     work_dir: Path) -> str:
     """Metrics, loss curves, plots, manifest (and the fit images' ids), config, what was reused of the
-    champion (`reuse_tags`), `tags` and the pyfunc model; returns the model URI."""
+    champion (`reuse_tags`), `tags`, the ONNX `export` folder when there is one (as `export/`) and the
+    pyfunc model; returns the model URI."""
     client = configure_mlflow()
     started = time.perf_counter()
     now = int(time.time() * 1000)
@@ -174,6 +176,8 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
         client.log_artifact(run_id, str(path), "data")
     for path in evaluation.plots:
         client.log_artifact(run_id, str(path), "plots")
+    if export is not None:
+        client.log_artifacts(run_id, str(export), "export")
     with mlflow.start_run(run_id=run_id):
         info = log_line_model(bundle)
     get_run_logger().info("logged run %s with model %s in %.1f s", run_id, info.model_uri,

@@ -36,7 +36,8 @@ def rebuilt(home, tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
         patchcore=PatchCoreConfig(coreset_ratio=0.1, normalise_brightness=True),
         oesdn=OeSdnConfig(image_size=32, epochs=2, sdn_epochs=2, batch_size=4, ae_base_width=8, sdn_base_width=8),
         evaluation=EvaluationConfig(calibration_fraction=0.25, detectors=("patchcore", "oesdn", "ae", "darkness"),
-                                    fusion_weights={"patchcore": 1.0, "darkness": 0.5}))
+                                    fusion_weights={"patchcore": 1.0, "darkness": 0.5}),
+        export_onnx=True)
     path = save_line(config, root.parent / f"{LINE}.yaml")
     rebuild_product_line(config)
     unseen = [images[i] for i in [*good[16:20], *bad[4:8]]]
@@ -88,3 +89,16 @@ def test_export_names_what_it_cannot_do(rebuilt, tmp_path):
     result = runner.invoke(app, ["export", str(config_path), "--out", str(tmp_path / "x"), "--format", "openvino"])
     assert result.exit_code == 2 and "only onnx is supported" in result.output
     assert not (tmp_path / "x" / "model.onnx").exists()
+
+
+def test_a_line_that_asks_for_it_logs_its_export_with_each_rebuild(rebuilt, tmp_path):
+    from patchline.runtime import ExportedLine
+
+    _, images = rebuilt
+    version = mlflow.MlflowClient().get_model_version(registered_model_name(LINE), "1")
+    logged = Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="export",
+                                                      dst_path=str(tmp_path)))
+    assert sorted(path.name for path in logged.iterdir()) == ["line.json", "model.onnx"]
+    assert json.loads((logged / "line.json").read_text())["parity"]["max_rel_score_diff"] <= 1e-4
+    expected = mlflow.pyfunc.load_model(f"models:/{registered_model_name(LINE)}/1").predict(images)
+    np.testing.assert_allclose(ExportedLine(logged).score(images)["score"], expected["score"], rtol=1e-4)
