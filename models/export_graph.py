@@ -24,6 +24,8 @@ MAX_SIDE = 16384
 
 
 class LineGraph(nn.Module):
+    """The detectors' graphs side by side on one input, and their fusion as `fuse` computes it."""
+
     def __init__(self, detector: LineDetector) -> None:
         super().__init__()
         self.names = list(detector.detectors)

@@ -1,7 +1,7 @@
 """PatchCore's scoring of one image as a traceable module, for export (models/export_graph.py).
 
-The same steps as `PatchFeatureExtractor.extract` and `PatchCoreScorer.score`, written without their
-batching, threads and tiling (ONNX has no such things): the nearest-row search is one matrix product.
+The same steps as `PatchFeatureExtractor.extract` and `PatchCoreScorer.score`, written for one image
+without their batching and threads (ONNX has no such things); the search keeps a tiling of its own.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ class PatchCoreGraph(nn.Module):
         self.config, self.image_size, self.grid = extractor.config, extractor.image_size, extractor.grid
         self.stages, self.taps = extractor.backbone.stages, extractor.backbone.taps
         self.register_buffer("bank", scorer.bank)
-        self.register_buffer("bank_sq_norms", scorer._bank_sq_norms)
-        self.register_buffer("map_rows", scorer._map_operator(self.grid[0], self.image_size))
-        self.register_buffer("map_columns", scorer._map_operator(self.grid[1], self.image_size))
+        self.register_buffer("bank_sq_norms", scorer.bank_sq_norms)
+        self.register_buffer("map_rows", scorer.map_operator(self.grid[0], self.image_size))
+        self.register_buffer("map_columns", scorer.map_operator(self.grid[1], self.image_size))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = resize_exportable(pixels, self.image_size).clamp(0.0, 1.0)
@@ -63,4 +63,3 @@ class PatchCoreGraph(nn.Module):
     def _nearest_sq(self, queries: torch.Tensor) -> torch.Tensor:
         """(Q, D) → (Q, M) squared distances to every bank row."""
         return (queries * queries).sum(1, keepdim=True) + self.bank_sq_norms[None] - 2.0 * queries @ self.bank.T
-

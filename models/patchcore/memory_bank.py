@@ -85,7 +85,7 @@ class PatchCoreScorer:
         self.reweight_neighbours = bank.config.reweight_neighbours
         self.smoothing_sigma = bank.config.smoothing_sigma
         self.bank = torch.from_numpy(bank.features).to(self.device)
-        self._bank_sq_norms = (self.bank * self.bank).sum(1)
+        self.bank_sq_norms = (self.bank * self.bank).sum(1)
         self._query_tile, self._bank_tile = CUDA_TILES if self.device.type == "cuda" else CPU_TILES
         self._map_operators: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -107,7 +107,7 @@ class PatchCoreScorer:
     def _squared_distance_offsets(self, queries: torch.Tensor, first_row: int) -> torch.Tensor:
         """min over bank rows of ‖b‖² − 2 q·b, a bank tile at a time so each tile's GEMM output stays in cache."""
         tiles = zip(self.bank[first_row:].split(self._bank_tile),
-                    self._bank_sq_norms[first_row:].split(self._bank_tile))
+                    self.bank_sq_norms[first_row:].split(self._bank_tile))
         with torch.inference_mode():
             best = torch.full((len(queries),), torch.inf, device=self.device)
             for rows, sq_norms in tiles:
@@ -121,7 +121,7 @@ class PatchCoreScorer:
         with torch.inference_mode():
             distances, indices = [], []
             for chunk in queries.split(self._query_tile):
-                partial = torch.addmm(self._bank_sq_norms, chunk, self.bank.T, alpha=-2.0)
+                partial = torch.addmm(self.bank_sq_norms, chunk, self.bank.T, alpha=-2.0)
                 values, index = partial.topk(k, dim=1, largest=False)
                 distances.append((values + (chunk * chunk).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_())
                 indices.append(index)
@@ -161,8 +161,8 @@ class PatchCoreScorer:
         height, width = grid
         with torch.inference_mode():
             scores = self._reweighted_scores(features, distances)
-            maps = (self._map_operator(height, image_size) @ distances.view(-1, height, width)
-                    @ self._map_operator(width, image_size).T)
+            maps = (self.map_operator(height, image_size) @ distances.view(-1, height, width)
+                    @ self.map_operator(width, image_size).T)
         return Detections(scores.cpu().numpy(), maps.cpu().numpy())
 
     def _reweighted_scores(self, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
@@ -177,7 +177,7 @@ class PatchCoreScorer:
         weight = 1.0 - torch.exp(nearest[:, 0] - torch.logsumexp(support_distances, dim=1))
         return weight * nearest[:, 0]
 
-    def _map_operator(self, cells: int, size: int) -> torch.Tensor:
+    def map_operator(self, cells: int, size: int) -> torch.Tensor:
         """(size, cells): bilinear upsampling of `cells` values to `size`, then a Gaussian blur (σ =
         `smoothing_sigma`, truncated at 4σ, edges replicated). Both are linear and separable, so a whole
         map is two small matrix products instead of a wide convolution over S x S pixels."""
