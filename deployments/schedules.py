@@ -6,7 +6,6 @@ from prefect import get_client, serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron
-from prefect.utilities.asyncutils import run_coro_as_sync
 
 from patchline.flows.rebuild import rebuild_product_line
 from patchline.flows.score import score_images
@@ -53,12 +52,9 @@ def register(lines: list[str] | None = None, work_pool: str | None = None) -> li
 
 
 def _check_work_pool(name: str) -> None:
-    async def read() -> None:
-        async with get_client() as client:
-            await client.read_work_pool(name)
-
     try:
-        run_coro_as_sync(read())
+        with get_client(sync_client=True) as client:
+            client.read_work_pool(name)
     except ObjectNotFound:
         raise WorkPoolError(f"work pool {name!r} does not exist in the Prefect API; create it with "
                             f"`prefect work-pool create {name} --type process`") from None

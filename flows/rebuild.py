@@ -111,7 +111,7 @@ def _rebuild(config: LineConfig, run: StartedRun, data: LineData, started: float
         test_set["darkness"] = score_darkness_task(config, data.test)
     evaluation = evaluate_task(config, data.test, calibration_set, test_set, run.work_dir / "plots")
     bundle = package_model_task(config, evaluation.calibration, run.work_dir / "bundle", bank, autoencoder, sdn)
-    export = export_model_task(config, bundle, run.work_dir / "export")
+    export = export_model_task(bundle, run.work_dir / "export") if config.export_onnx else None
     extra["time_until_logging_s"] = time.perf_counter() - started
     model_uri = log_rebuild_task(run.run_id, config, data, evaluation, histories, extra, reuse, tags, bundle,
                                  export, run.work_dir)

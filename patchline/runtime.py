@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from patchline.models.image_arrays import colour_channels
-from patchline.models.scoring.unit_scale import unit_scores
+from patchline.models.scoring.unit_scale import detector_unit_scores
 
 FORMAT = "patchline-export/1"
 MODEL, METADATA = "model.onnx", "line.json"
@@ -69,10 +69,7 @@ class ExportedLine:
         return result
 
     def _unit(self, name: str, scores: np.ndarray) -> np.ndarray:
-        slopes = self.metadata.get("unit_slopes") or {}
-        if name not in slopes:
-            return np.full(len(scores), np.nan, np.float32)
-        return unit_scores(scores, self.metadata["thresholds"][name], slopes[name])
+        return detector_unit_scores(name, scores, self.metadata["thresholds"], self.metadata.get("unit_slopes"))
 
 
 def as_pixels(image: np.ndarray, index: int = 0) -> np.ndarray:

@@ -34,11 +34,9 @@ def package_model_task(config: LineConfig, calibration: Calibration, folder: Pat
 
 # No retries: an export that does not score as the bundle does will not on a second try.
 @task(name="export-onnx", cache_policy=NO_CACHE)
-def export_model_task(config: LineConfig, bundle: Path, folder: Path) -> Path | None:
-    """With the line's `export_onnx`, the bundle exported into `folder` and checked for parity (else None):
-    a failed check fails the rebuild before anything is logged or registered."""
-    if not config.export_onnx:
-        return None
+def export_model_task(bundle: Path, folder: Path) -> Path:
+    """The bundle exported into `folder` and checked for parity (a line's `export_onnx`): a failed check
+    fails the rebuild before anything is logged or registered."""
     exported = export_bundle(bundle, folder)
     get_run_logger().info("exported to ONNX: scores within %.1e (relative) of the bundle's, maps within %.1e",
                           exported.max_rel_score_diff, exported.max_map_diff)

@@ -99,8 +99,12 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture
 def mvtec_root(tmp_path: Path) -> Path:
     """A tiny valid MVTec-layout line: 4 good train images, 2 good + 2 scratch test images with masks."""
-    root = tmp_path / "line"
-    for i in range(4):
+    return write_mvtec_line(tmp_path / "line", train=4)
+
+
+def write_mvtec_line(root: Path, train: int) -> Path:
+    """`train` good train images, 2 good + 2 scratch test images with masks, under `root`."""
+    for i in range(train):
         write_image(root / "train" / "good" / f"{i:03d}.png", textured(i))
     for i in range(2):
         write_image(root / "test" / "good" / f"{i:03d}.png", textured(100 + i))

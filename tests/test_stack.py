@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import psutil
 import pytest
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from tests.conftest import textured, write_image, write_line_config
+from tests.conftest import write_line_config, write_mvtec_line
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(600)]
 
@@ -55,8 +56,18 @@ def free_port() -> int:
 class Stack:
     folder: Path
     env: dict[str, str]
-    exports: str
-    session_leader: int
+    start: str
+    run_now: str
+    stop: str
+
+    @property
+    def exports(self) -> str:
+        """The start block's `export` lines: what the README's reader's shell has from then on."""
+        return "\n".join(line for line in self.start.splitlines() if line.startswith("export "))
+
+    def run_now_command(self, *params: str) -> str:
+        """README's second block with `--param`s: the deployment run through the API, watched to its end."""
+        return self.run_now.strip() + "".join(f" --param {p}" for p in params)
 
     def shell(self, script: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
         """`script` in a shell that has run the start block's exports, as the README's reader's would."""
@@ -88,16 +99,7 @@ def stack_env(folder: Path, line_config: Path) -> dict[str, str]:
 
 
 def write_tiny_line(folder: Path) -> Path:
-    root = folder / "line"
-    for i in range(8):
-        write_image(root / "train" / "good" / f"{i:03d}.png", textured(i))
-    for i in range(2):
-        write_image(root / "test" / "good" / f"{i:03d}.png", textured(100 + i))
-        write_image(root / "test" / "scratch" / f"{i:03d}.png", textured(200 + i, rgb=True))
-        mask = np.zeros((32, 32), np.uint8)
-        mask[10:20, 5:9] = 255
-        write_image(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
-    return write_line_config(folder / f"{LINE}.yaml", root, name=LINE)
+    return write_line_config(folder / f"{LINE}.yaml", write_mvtec_line(folder / "line", train=8), name=LINE)
 
 
 def kill_tree(pid: int, signum: int = signal.SIGKILL) -> None:
@@ -120,21 +122,18 @@ def stack() -> Iterator[Stack]:
     # Not under pytest's 0700 folders: PostgreSQL runs as its own user when the tests run as root.
     folder = Path(tempfile.mkdtemp(prefix="patchline-stack-", dir="/tmp"))
     folder.chmod(0o755)
-    start, _, stop = readme_blocks()
-    env = stack_env(folder, write_tiny_line(folder))
-    exports = "\n".join(line for line in start.splitlines() if line.startswith("export "))
+    stack = Stack(folder, stack_env(folder, write_tiny_line(folder)), *readme_blocks())
     began = time.monotonic()
-    starting = subprocess.Popen(["bash", "-euo", "pipefail", "-c", start], cwd=REPO, env=env,
+    starting = subprocess.Popen(["bash", "-euo", "pipefail", "-c", stack.start], cwd=REPO, env=stack.env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-    stack = Stack(folder, env, exports, starting.pid)
     try:
         output, _ = starting.communicate(timeout=300)
         assert starting.returncode == 0, f"README's start block failed:\n{output}\n{logs(folder)}"
         print(f"stack started in {time.monotonic() - began:.1f} s", file=sys.stderr)
         yield stack
     finally:
-        stopped = stack.shell(stop, timeout_s=120)
+        stopped = stack.shell(stack.stop, timeout_s=120)
         print(f"README's stop block: exit {stopped.returncode}\n{stopped.stderr[-2000:]}", file=sys.stderr)
         for pid_file in folder.glob("*.pid"):
             kill_tree(int(pid_file.read_text()))
@@ -149,22 +148,15 @@ def logs(folder: Path) -> str:
     return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}" for log in sorted(folder.glob("*.log")))
 
 
-def prefect_client(stack: Stack):
+@contextmanager
+def prefect_client(stack: Stack) -> Iterator:
+    """A client of the stack's Prefect server (this process's own settings name no server)."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    class Session:
-        def __enter__(self):
-            self.settings = temporary_settings(updates={PREFECT_API_URL: f"{stack.url('PREFECT_PORT')}/api"})
-            self.settings.__enter__()
-            self.client = get_client(sync_client=True).__enter__()
-            return self.client
-
-        def __exit__(self, *exc):
-            self.client.__exit__(*exc)
-            self.settings.__exit__(*exc)
-
-    return Session()
+    with temporary_settings(updates={PREFECT_API_URL: f"{stack.url('PREFECT_PORT')}/api"}), \
+            get_client(sync_client=True) as client:
+        yield client
 
 
 def flow_runs(stack: Stack) -> list:
@@ -202,9 +194,7 @@ def champion(stack: Stack):
 
 
 def rebuild_now(stack: Stack, *params: str) -> subprocess.CompletedProcess:
-    """README's second block (with `--param`s): the deployment run through the API, watched to its end."""
-    _, run_now, _ = readme_blocks()
-    return stack.shell(run_now.strip() + "".join(f" --param {p}" for p in params))
+    return stack.shell(stack.run_now_command(*params))
 
 
 def dask_scheduler(stack: Stack, function):
@@ -339,11 +329,10 @@ def test_a_dask_worker_killed_during_the_coreset_gives_the_same_bank_or_a_failur
 
 
 def test_the_mlflow_server_stopped_during_a_rebuild_fails_it_visibly_and_the_next_run_succeeds(stack):
-    start, _, _ = readme_blocks()
     before = champion(stack).version
     known = {run.id for run in flow_runs(stack)}
     rebuilding = subprocess.Popen(["bash", "-euo", "pipefail", "-c",
-                                   f"{stack.exports}\n{readme_blocks()[1].strip()} --param force=true"],
+                                   f"{stack.exports}\n{stack.run_now_command('force=true')}"],
                                   cwd=REPO, env=stack.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
     # Stopped once the rebuild has scored everything: its logging then meets a dead server.
@@ -367,8 +356,8 @@ def test_the_mlflow_server_stopped_during_a_rebuild_fails_it_visibly_and_the_nex
     assert logging[0].run_count == 3, "the logging task's two retries do not show in Prefect"
 
     # The server comes back the way it was started; the gate never ran, so `champion` has not moved.
-    [restart] = [line for line in start.splitlines() if "mlflow server" in line]
-    [health] = [line for line in start.splitlines() if "MLFLOW_TRACKING_URI/health" in line]
+    [restart] = [line for line in stack.start.splitlines() if "mlflow server" in line]
+    [health] = [line for line in stack.start.splitlines() if "MLFLOW_TRACKING_URI/health" in line]
     restarted = stack.shell(f"{restart}\n{health}", timeout_s=120)
     assert restarted.returncode == 0, restarted.stderr
     assert champion(stack).version == before

@@ -68,8 +68,12 @@ def locally_aware_features(maps: list[torch.Tensor], config: PatchCoreConfig, gr
 
 def median_to_mid_grey(batch: torch.Tensor) -> torch.Tensor:
     """Scale each image of a (N, C, H, W) batch in [0, 1] so its median is 0.5, clipped to [0, 1]."""
-    # The lower median (torch.median's) by top-k, which ONNX has (models/patchcore/graph.py); the floor
-    # keeps an all-black image finite (it stays black).
     flat = batch.flatten(1)
-    median = flat.topk((flat.shape[1] - 1) // 2 + 1, dim=1, largest=False).values[:, -1].clamp_min(1 / 255)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no median: the same lower median by top-k, which is slower in PyTorch, so only here.
+        median = flat.topk((flat.shape[1] - 1) // 2 + 1, dim=1, largest=False).values[:, -1]
+    else:
+        median = flat.median(dim=1).values
+    # The floor keeps an all-black image finite (it stays black).
+    median = median.clamp_min(1 / 255)
     return (batch * (0.5 / median).view(-1, 1, 1, 1)).clamp(0.0, 1.0)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from patchline.models.scoring.detection import Detections
 from patchline.models.scoring.metrics import fit_fusion_normalisers, fuse_scores, threshold_from_good_scores
-from patchline.models.scoring.unit_scale import fit_unit_slope, unit_scores
+from patchline.models.scoring.unit_scale import detector_unit_scores, fit_unit_slope
 
 FUSED = "fused"
 
@@ -37,9 +37,7 @@ class Calibration:
 
     def unit_scores(self, name: str, scores: np.ndarray) -> np.ndarray:
         """Detector `name`'s raw scores on the 0..1 scale (0.5 = its threshold); NaN when uncalibrated for it."""
-        if not self.unit_slopes or name not in self.unit_slopes:
-            return np.full(len(scores), np.nan, np.float32)
-        return unit_scores(scores, self.thresholds[name], self.unit_slopes[name])
+        return detector_unit_scores(name, scores, self.thresholds, self.unit_slopes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

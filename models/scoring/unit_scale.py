@@ -30,3 +30,12 @@ def unit_scores(scores: ArrayLike, threshold: float, slope: float) -> np.ndarray
     """Raw scores → 0..1 (float32), 0.5 exactly at `threshold`, increasing with the raw score."""
     z = (np.asarray(scores, dtype=np.float64) - threshold) * slope
     return (0.5 * (1 + np.tanh(z / 2))).astype(np.float32)  # the logistic, without overflow for large |z|
+
+
+def detector_unit_scores(name: str, scores: ArrayLike, thresholds: dict[str, float],
+                         slopes: dict[str, float] | None) -> np.ndarray:
+    """Detector `name`'s scores on the 0..1 scale; NaN where no slope was fitted for it (a version
+    calibrated before the 0..1 scale)."""
+    if not slopes or name not in slopes:
+        return np.full(len(scores), np.nan, np.float32)
+    return unit_scores(scores, thresholds[name], slopes[name])
