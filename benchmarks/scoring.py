@@ -4,11 +4,12 @@
 
 Without `--home`, the line is rebuilt first under a temporary PATCHLINE_HOME (deleted afterwards); with
 it, that home's champion of the line is used (rebuilt there when it has none). The champion is exported
-with `patchline export`'s code, then the test images, decoded once, are scored by both with 2 threads:
-from uint8 pixels to every detector's score and the deciding detector's 256 px map. `max_rel_diff` is the
-largest relative difference of any detector's image score (absolute for `fused`, a z-score); AUROCs are the deciding score's image AUROC.
-OpenVINO is not exported yet (`openvino_img_s=nan`). Ends with one line:
-    scoring line=<l> images=<n> torch_img_s=<x> onnx_img_s=<y> openvino_img_s=nan max_rel_diff=<d> auroc_torch=<a> auroc_export=<b>
+with `patchline export`'s code, then the test images, decoded once, are scored with 2 threads by the
+MLflow model on PyTorch and by the export on ONNX Runtime and on OpenVINO: from uint8 pixels to every
+detector's score and the deciding detector's 256 px map. `max_rel_diff` is the largest relative
+difference of any detector's image score from PyTorch's, over both runtimes (`score_differences`); AUROCs are the deciding score's image AUROC, `auroc_export` that of the faster runtime.
+Ends with one line:
+    scoring line=<l> images=<n> torch_img_s=<x> onnx_img_s=<y> openvino_img_s=<z> max_rel_diff=<d> auroc_torch=<a> auroc_export=<b>
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def main() -> None:
     from patchline.flows.rebuild import rebuild_product_line
     from patchline.models.scoring.metrics import image_auroc
     from patchline.runtime import ExportedLine
-    from patchline.storage.export import export_version, score_difference
+    from patchline.storage.export import export_version, score_differences
     from patchline.storage.ingest import build_manifest
     from patchline.storage.pixels import read_pixels
+    from patchline.storage.pyfunc_model import RUNTIME_VARIABLE
     from patchline.storage.registry import champion_version, registered_model_name
     from patchline.storage.tracking import configure_mlflow
 
@@ -71,27 +73,38 @@ def main() -> None:
         is_anomaly = np.array([row.label != "good" for row in test])
 
         torch.set_num_threads(THREADS)
+        os.environ[RUNTIME_VARIABLE] = "torch"
         model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{exported.version}")
         model.predict(images[:2])
         started = time.perf_counter()
         expected = model.predict(images)
         torch_s = time.perf_counter() - started
-        runtime = ExportedLine(out, threads=THREADS)
-        runtime.score(images[:2])
-        started = time.perf_counter()
-        found = runtime.score(images)
-        onnx_s = time.perf_counter() - started
+        found, seconds = {}, {}
+        for name in ("onnxruntime", "openvino"):
+            runtime = ExportedLine(out, threads=THREADS, runtime=name)
+            runtime.score(images[:2])
+            started = time.perf_counter()
+            found[name] = runtime.score(images)
+            seconds[name] = time.perf_counter() - started
     finally:
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
     detectors = [key.removeprefix("score_") for key in expected if key.startswith("score_") and "unit" not in key]
-    max_rel = max(score_difference(name, found[f"score_{name}"], expected[f"score_{name}"]) for name in detectors)
-    decisions_equal = bool(np.array_equal(found["decision"], expected["decision"]))
-    print(f"{len(images)} test images; decisions equal: {decisions_equal}", file=sys.stderr)
+    calibration = ExportedLine(out).metadata
+    max_rel = max(max(score_differences({name: result[f"score_{name}"] for name in detectors},
+                                        {name: expected[f"score_{name}"] for name in detectors},
+                                        calibration["normalisers"], calibration["fusion_weights"]).values())
+                  for result in found.values())
+    for name, result in found.items():
+        decisions_equal = bool(np.array_equal(result["decision"], expected["decision"]))
+        print(f"{name}: {len(images)} test images in {seconds[name]:.1f} s; decisions equal to PyTorch's: "
+              f"{decisions_equal}", file=sys.stderr)
+    faster = min(seconds, key=seconds.get)
     print(f"scoring line={config.name} images={len(images)} torch_img_s={len(images) / torch_s:.1f} "
-          f"onnx_img_s={len(images) / onnx_s:.1f} openvino_img_s=nan max_rel_diff={max_rel:.2e} "
+          f"onnx_img_s={len(images) / seconds['onnxruntime']:.1f} "
+          f"openvino_img_s={len(images) / seconds['openvino']:.1f} max_rel_diff={max_rel:.2e} "
           f"auroc_torch={image_auroc(expected['score'], is_anomaly):.4f} "
-          f"auroc_export={image_auroc(found['score'], is_anomaly):.4f}")
+          f"auroc_export={image_auroc(found[faster]['score'], is_anomaly):.4f}")
 
 
 if __name__ == "__main__":

@@ -23,5 +23,6 @@ def score_images(line: str, inputs: list[str], out: str, batch_size: int = 16, r
     for start in range(0, len(read.images), batch_size):
         rows += score_batch_task(champion, read.images[start:start + batch_size], out_dir)
     csv_path = write_scores_task(rows, out_dir)
-    get_run_logger().info("scored %d images with %s v%s → %s", len(read.images), line, champion.version, csv_path)
+    get_run_logger().info("scored %d images with %s v%s on %s → %s", len(read.images), line, champion.version,
+                          champion.runtime, csv_path)
     return str(csv_path)

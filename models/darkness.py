@@ -65,6 +65,9 @@ class DarknessGraph(torch.nn.Module):
         self.map_size = map_size
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # A float32 sum over a whole image drifts by ~1e-4 (relative) from the float64 mean of `score_darkness`.
-        score = (1.0 - pixels.flatten(1).double().mean(1)).float()
+        # A float32 sum over a whole image drifts by ~1e-4 (relative) from the float64 mean of `score_darkness`,
+        # and OpenVINO computes float64 as float32. A row's sum of 0..255 values is an integer below 2**24,
+        # exact in float32: the mean of the rows' means leaves a float32 sum of only C * H terms.
+        levels = (pixels * 255.0).round()
+        score = 1.0 - (levels.sum(3) / levels.shape[3]).flatten(1).mean(1) / 255.0
         return score, score.view(-1, 1, 1).expand(-1, self.map_size, self.map_size)

@@ -39,13 +39,27 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int, channels: int = 3)
 def _resize(batch: torch.Tensor, size: int) -> torch.Tensor:
     if batch.shape[2:] == (size, size):
         return batch
-    return resize_exportable(batch, size)
+    return F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def resize_exportable(batch: torch.Tensor, size: int) -> torch.Tensor:
-    """The resize of `images_to_tensor` for any input size, also when it is already `size` (where it is
-    the identity), so an exported graph needs no branch on the input's shape."""
-    return F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    """The resize of `images_to_tensor` for exported graphs: for any input size (the identity at `size`,
+    so the graph needs no branch on the input's shape), as two matrix products. ONNX's antialiased Resize
+    would do, but OpenVINO computes it otherwise (PatchCore's scores moved by 3 %); matrices are the same
+    on every runtime."""
+    rows = _antialias_weights(batch.shape[2], size, batch.dtype)
+    columns = _antialias_weights(batch.shape[3], size, batch.dtype)
+    return rows @ batch @ columns.T
+
+
+def _antialias_weights(cells: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(size, cells): bilinear resampling of `cells` values to `size` with PyTorch's antialiasing: the
+    triangle filter stretched by the scale when shrinking, centred on each output pixel, weights summing to 1."""
+    centres = (torch.arange(size, dtype=dtype) + 0.5) * cells / size
+    stretch = (torch.ones((), dtype=dtype) * cells / size).clamp_min(1.0)
+    taps = torch.arange(cells, dtype=dtype) + 0.5
+    weights = (1.0 - (taps[None] - centres[:, None]).abs() / stretch).clamp_min(0.0)
+    return weights / weights.sum(1, keepdim=True)
 
 
 def _to_channels(batch: torch.Tensor, channels: int) -> torch.Tensor:

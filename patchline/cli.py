@@ -326,28 +326,30 @@ def nightly_command(
 @app.command("export")
 def export_command(
     line: LineArg,
-    out: Annotated[Path, typer.Option(help="Folder for model.onnx and line.json.")],
+    out: Annotated[Path, typer.Option(help="Folder for the graph and line.json.")],
     version: Annotated[str | None, typer.Option(help="Model version to export; default: the champion.")] = None,
-    format: Annotated[str, typer.Option("--format", help="Export format; onnx (run by ONNX Runtime).")] = "onnx",
+    format: Annotated[str, typer.Option("--format", help="onnx (model.onnx: ONNX Runtime or OpenVINO) or "
+                                                         "openvino (OpenVINO's IR, model.xml + model.bin).")] = "onnx",
 ) -> None:
-    """Export a line's model version as one ONNX graph, checked to score as the version does, for
-    `patchline.runtime.ExportedLine` (NumPy and ONNX Runtime, no PyTorch)."""
+    """Export a line's model version as one graph, checked on each installed runtime to score as the version
+    does, for `patchline.runtime.ExportedLine` (NumPy and ONNX Runtime or OpenVINO, no PyTorch)."""
     _require_home()
-    if format != "onnx":
-        _fail(ValueError(f"--format {format}: only onnx is supported for now "
-                         "(OpenVINO does not pass the parity check yet)"))
     _require_writable(out, "--out")
     config = _load(line)
     from patchline.storage.export import ExportError, export_version
     from patchline.storage.tracking import configure_mlflow
 
     try:
-        exported = export_version(configure_mlflow(), config.name, out, version)
+        exported = export_version(configure_mlflow(), config.name, out, version, model_format=format)
     except ExportError as error:
         _fail(error)
-    typer.echo(f"exported {config.name} version {exported.version} to {out} (model.onnx, line.json); against the "
-               f"version's own scoring: scores within {exported.max_rel_score_diff:.1e} relative, maps within "
-               f"{exported.max_map_diff:.1e}")
+    typer.echo(f"exported {config.name} version {exported.version} to {out} ({exported.model_format}, line.json); "
+               f"PyTorch scores {exported.torch_img_s:.1f} images/s")
+    for runtime, found in exported.runtimes.items():
+        typer.echo(f"  {runtime}: " + (f"scores within {found['max_rel_score_diff']:.1e} relative, maps within "
+                                       f"{found['max_map_diff']:.1e}, {found['img_s']:.1f} images/s"
+                                       if found["passed"] else f"FAILED the parity check: {found['error']}"))
+    typer.echo(f"the runtime scorer will use {exported.runtime} (the fastest that passed)")
 
 
 @app.command("score")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.util
+import json
+import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -23,10 +26,15 @@ from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import Schema, TensorSpec
 
+from patchline.runtime import METADATA, ExportedLine, fastest_runtime, installed, passed_runtimes
 from patchline.storage.image_files import decode_image_bytes
 from patchline.storage.pixels import read_pixels
 
-BUNDLE_ARTIFACT = "bundle"
+BUNDLE_ARTIFACT, EXPORT_ARTIFACT = "bundle", "export"
+TORCH = "torch"
+# Names a runtime for every model loaded in this process, over the fastest one: torch, onnxruntime or openvino.
+RUNTIME_VARIABLE = "PATCHLINE_RUNTIME"
+logger = logging.getLogger(__name__)
 # Distributions that scoring imports, pinned to the versions installed here: exact pins also keep MLflow
 # from inferring requirements (slow, and it reaches for the network).
 SCORING_DISTRIBUTIONS = ["torch", "torchvision", "numpy", "safetensors", "pydantic", "pyyaml", "pillow", "scipy",
@@ -42,6 +50,9 @@ class PatchlineModel(PythonModel):
     each of those scores on the 0..1 scale (0.5 at its threshold) as `score_unit`, `score_unit_<detector>`
     (NaN for versions calibrated before the 0..1 scale).
 
+    It scores with the fastest of PyTorch and the runtimes its export (a line's `export_onnx`) passed the
+    parity check on, as measured when it was exported (`choose_runtime`); `runtime` says which.
+
     Inputs (in process, or as the JSON body MLflow's `/invocations` parses):
     - pixels: a uint8 array (N, H, W) / (N, H, W, C), or a list of uint8 images; integer arrays with
       values in 0..255 (what a JSON list of pixel rows becomes) are taken as uint8;
@@ -51,14 +62,22 @@ class PatchlineModel(PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from patchline.storage.model_bundle import load_bundle
+        export = context.artifacts.get(EXPORT_ARTIFACT)
+        self.runtime = choose_runtime(Path(export) if export else None)
+        if self.runtime == TORCH:
+            from patchline.storage.model_bundle import load_bundle
 
-        self.detector = load_bundle(Path(context.artifacts[BUNDLE_ARTIFACT]))
+            self.exported, self.detector = None, load_bundle(Path(context.artifacts[BUNDLE_ARTIFACT]))
+        else:
+            self.exported = ExportedLine(export, runtime=self.runtime)
+        logger.info("scoring with %s", self.runtime)
 
     # MLflow reads this hint: np.ndarray is one it neither validates nor converts against, so every input
     # form above reaches `as_images` as sent (with no hint it warns when the class is defined).
     def predict(self, context, model_input: np.ndarray, params=None) -> dict[str, np.ndarray]:
         images = as_images(model_input)
+        if self.exported is not None:
+            return self.exported.score(images)
         detections = self.detector.score(images)
         chosen, decisions, threshold = self.detector.decide(detections)
         calibration = self.detector.calibration
@@ -128,8 +147,28 @@ def _decoded(item, index: int) -> np.ndarray:
     return decode_image_bytes(bytes(item), name)
 
 
-def scoring_requirements() -> list[str]:
-    return [f"{name}=={version(name)}" for name in SCORING_DISTRIBUTIONS]
+def choose_runtime(export: Path | None) -> str:
+    """`PATCHLINE_RUNTIME` if set (it must be one the export passed on, or torch), else the fastest
+    installed runtime that passed the export's parity check if it beat PyTorch there, else torch."""
+    metadata = json.loads((export / METADATA).read_text()) if export is not None else {}
+    wanted = os.environ.get(RUNTIME_VARIABLE)
+    if wanted:
+        if wanted != TORCH and wanted not in passed_runtimes(metadata):
+            raise ValueError(f"{RUNTIME_VARIABLE}={wanted}: this model runs on {TORCH}"
+                             + "".join(f", {name}" for name in passed_runtimes(metadata)))
+        return wanted
+    fastest = fastest_runtime(metadata)
+    if fastest is None or metadata["runtimes"][fastest]["img_s"] <= metadata["torch_img_s"]:
+        return TORCH
+    return fastest
+
+
+def scoring_requirements(export: Path | None = None) -> list[str]:
+    """Pins of what scoring imports, with the installed runtimes that the `export` passed on."""
+    names = list(SCORING_DISTRIBUTIONS)
+    if export is not None:
+        names += [name for name in passed_runtimes(json.loads((export / METADATA).read_text())) if installed(name)]
+    return [f"{name}=={version(name)}" for name in names]
 
 
 def _package_copy(folder: Path) -> Path:
@@ -143,13 +182,15 @@ def _package_copy(folder: Path) -> Path:
     return target
 
 
-def log_line_model(bundle: Path) -> ModelInfo:
-    """Log the bundle as this run's pyfunc model `model` (from code: no pickled Python objects)."""
+def log_line_model(bundle: Path, export: Path | None = None) -> ModelInfo:
+    """Log the bundle, and its checked `export` where there is one, as this run's pyfunc model `model`
+    (from code: no pickled Python objects)."""
     with tempfile.TemporaryDirectory(prefix="patchline-code-") as scratch, warnings.catch_warnings():
         # An input example would be scored at every log to check it (minutes on a big line); the
         # accepted inputs are documented on `PatchlineModel` instead.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         return mlflow.pyfunc.log_model(name="model", python_model=str(ENTRY_POINT),
-                                       artifacts={BUNDLE_ARTIFACT: str(bundle)},
+                                       artifacts={BUNDLE_ARTIFACT: str(bundle),
+                                                  **({EXPORT_ARTIFACT: str(export)} if export else {})},
                                        code_paths=[str(_package_copy(Path(scratch)))], signature=SIGNATURE,
-                                       pip_requirements=scoring_requirements())
+                                       pip_requirements=scoring_requirements(export))

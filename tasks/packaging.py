@@ -38,6 +38,11 @@ def export_model_task(bundle: Path, folder: Path) -> Path:
     """The bundle exported into `folder` and checked for parity (a line's `export_onnx`): a failed check
     fails the rebuild before anything is logged or registered."""
     exported = export_bundle(bundle, folder)
-    get_run_logger().info("exported to ONNX: scores within %.1e (relative) of the bundle's, maps within %.1e",
-                          exported.max_rel_score_diff, exported.max_map_diff)
+    logger = get_run_logger()
+    for runtime, found in exported.runtimes.items():
+        if found["passed"]:
+            logger.info("exported to ONNX, on %s: scores within %.1e (relative) of the bundle's, maps within %.1e, "
+                        "%.1f images/s", runtime, found["max_rel_score_diff"], found["max_map_diff"], found["img_s"])
+        else:
+            logger.warning("exported to ONNX, %s not usable: %s", runtime, found["error"])
     return folder

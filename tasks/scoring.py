@@ -16,13 +16,15 @@ from patchline.storage.plots import save_heatmap_overlay
 from patchline.storage.registry import champion_version, registered_model_name
 from patchline.storage.tracking import configure_mlflow
 
-CSV_COLUMNS = ["index", "path", "score", "score_unit", "decision", "threshold", "model_version", "heatmap", "error"]
+CSV_COLUMNS = ["index", "path", "score", "score_unit", "decision", "threshold", "model_version", "runtime", "heatmap",
+               "error"]
 
 
 @dataclass(frozen=True)
 class ChampionModel:
     version: str
     model: mlflow.pyfunc.PyFuncModel
+    runtime: str  # what scores: torch, onnxruntime or openvino (`PatchlineModel.runtime`)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def load_champion_task(line: str) -> ChampionModel:
     if version is None:
         raise ValueError(f"line {line} has no champion model yet; run `patchline rebuild {line}` first")
     model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(line)}/{version.version}")
-    return ChampionModel(str(version.version), model)
+    return ChampionModel(str(version.version), model, model.unwrap_python_model().runtime)
 
 
 @task(name="read-images", cache_policy=NO_CACHE)
@@ -115,6 +117,7 @@ def score_batch_task(champion: ChampionModel, batch: list[tuple[ScoreInput, np.n
                      "score_unit": "" if np.isnan(unit) else f"{unit:.6f}",
                      "decision": "anomalous" if result["decision"][i] else "good",
                      "threshold": f"{result['threshold'][i]:.6f}", "model_version": champion.version,
+                     "runtime": champion.runtime,
                      "heatmap": str(heatmap), "error": ""})
         save_heatmap_overlay(pixels, result["anomaly_map"][i], float(result["threshold"][i]), out_dir / heatmap)
     return rows

@@ -150,8 +150,8 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
                      reuse: dict[str, str], tags: dict[str, str], bundle: Path, export: Path | None,
                      work_dir: Path) -> str:
     """Metrics, loss curves, plots, manifest (and the fit images' ids), config, what was reused of the
-    champion (`reuse_tags`), `tags`, the ONNX `export` folder when there is one (as `export/`) and the
-    pyfunc model; returns the model URI."""
+    champion (`reuse_tags`), `tags`, and the pyfunc model (with the checked ONNX `export` when there is
+    one); returns the model URI."""
     client = configure_mlflow()
     started = time.perf_counter()
     now = int(time.time() * 1000)
@@ -176,10 +176,8 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
         client.log_artifact(run_id, str(path), "data")
     for path in evaluation.plots:
         client.log_artifact(run_id, str(path), "plots")
-    if export is not None:
-        client.log_artifacts(run_id, str(export), "export")
     with mlflow.start_run(run_id=run_id):
-        info = log_line_model(bundle)
+        info = log_line_model(bundle, export)
     get_run_logger().info("logged run %s with model %s in %.1f s", run_id, info.model_uri,
                           time.perf_counter() - started)
     return info.model_uri

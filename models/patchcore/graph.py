@@ -54,9 +54,10 @@ class PatchCoreGraph(nn.Module):
 
     def _nearest_sq_tiled(self, queries: torch.Tensor) -> torch.Tensor:
         """(Q, D) → (Q,) squared distance to the nearest bank row, `_BANK_TILE` rows at a time: the whole
-        (Q, M) product would be written to memory and read back, each tile's stays in cache."""
-        partial = [((self.bank_sq_norms[start:start + _BANK_TILE][None]
-                     - 2.0 * queries @ self.bank[start:start + _BANK_TILE].T).amin(1))
+        (Q, M) product would be written to memory and read back, each tile's stays in cache. One `addmm`
+        a tile (ONNX Gemm with the norms as its bias) rather than a product and a subtraction."""
+        partial = [torch.addmm(self.bank_sq_norms[start:start + _BANK_TILE][None], queries,
+                               self.bank[start:start + _BANK_TILE].T, alpha=-2.0).amin(1)
                    for start in range(0, len(self.bank), _BANK_TILE)]
         return torch.stack(partial).amin(0) + (queries * queries).sum(1)
 

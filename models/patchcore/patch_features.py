@@ -69,11 +69,29 @@ def locally_aware_features(maps: list[torch.Tensor], config: PatchCoreConfig, gr
 def median_to_mid_grey(batch: torch.Tensor) -> torch.Tensor:
     """Scale each image of a (N, C, H, W) batch in [0, 1] so its median is 0.5, clipped to [0, 1]."""
     flat = batch.flatten(1)
-    if torch.onnx.is_in_onnx_export():
-        # ONNX has no median: the same lower median by top-k, which is slower in PyTorch, so only here.
-        median = flat.topk((flat.shape[1] - 1) // 2 + 1, dim=1, largest=False).values[:, -1]
-    else:
-        median = flat.median(dim=1).values
+    # ONNX has no median: the export finds the same lower median by bisection.
+    median = lower_median_by_bisection(flat) if torch.onnx.is_in_onnx_export() else flat.median(dim=1).values
     # The floor keeps an all-black image finite (it stays black).
     median = median.clamp_min(1 / 255)
     return (batch * (0.5 / median).view(-1, 1, 1, 1)).clamp(0.0, 1.0)
+
+
+# Halvings of [-1, 1] that narrow it below float32's spacing at 1/255, the median's floor above.
+_BISECTION_STEPS = 34
+
+
+def lower_median_by_bisection(flat: torch.Tensor) -> torch.Tensor:
+    """(N, P) values in [0, 1] → each row's lower median, the value `torch.median` returns, from counts of
+    the values below a bisected bound: a few dozen passes over the values, where ONNX's one other way, a
+    top-k of half of them, took longer than the backbone (benchmarks/README.md, issue 24)."""
+    rank = (flat.shape[1] - 1) // 2 + 1  # the lower median is the smallest value with this many at or below it
+    low = torch.full_like(flat[:, 0], -1.0)  # fewer than `rank` values at or below
+    high = torch.ones_like(low)  # at least `rank` values at or below
+    for _ in range(_BISECTION_STEPS):
+        middle = (low + high) / 2
+        # Counts summed as float32 (exact below 2**24 values): ONNX Runtime sums integers several times slower.
+        enough = (flat <= middle[:, None]).to(flat.dtype).sum(1) >= rank
+        high = torch.where(enough, middle, high)
+        low = torch.where(enough, low, middle)
+    # Only the median itself lies in (low, high] now: the largest value at or below `high`.
+    return torch.where(flat <= high[:, None], flat, torch.full_like(flat, -1.0)).amax(1)
