@@ -49,7 +49,7 @@ NOT_RUN_HERE = {
     "oesdn": "run on tiny settings by tests/test_oesdn_benchmark.py",
     "patchcore_sweep": "extracts features of every image of the issue-10 split; no flag reads less",
     "peer_settings": "checks the issue-10 split's counts, so it always reads a whole line",
-    "scoring": "a whole rebuild flow of a bundled ELPV line; tests/test_export.py exports and scores a tiny one",
+    "scoring": "needs a rebuilt line: tests/test_export.py runs it on the tiny line that it rebuilds",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,19 @@ def test_the_graphs_median_is_pytorchs_lower_median():
             torch.zeros((1, 9)), torch.tensor([[0.0, 0.0, 1.0, 1.0]])]
     for values in rows:
         assert torch.equal(lower_median_by_bisection(values), values.median(dim=1).values)
+
+
+def test_the_scoring_benchmark_runs_on_a_rebuilt_line(rebuilt, home, tmp_path):
+    """`python -m benchmarks.scoring` as benchmarks/README.md shows it, on the tiny line's champion."""
+    config_path, _ = rebuilt
+    env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    ran = subprocess.run([sys.executable, "-m", "benchmarks.scoring", "--line", str(config_path), "--home", str(home)],
+                         cwd=Path(__file__).resolve().parent.parent, env={**env, "TMPDIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    summary = ran.stdout.strip().splitlines()[-1].split()
+    assert summary[:3] == ["scoring", f"line={LINE}", "images=8"]
+    values = dict(field.split("=") for field in summary[3:])
+    assert list(values) == ["torch_img_s", "onnx_img_s", "openvino_img_s", "max_rel_diff", "auroc_torch", "auroc_export"]
+    assert all(float(values[key]) > 0 for key in ("torch_img_s", "onnx_img_s", "openvino_img_s"))
+    assert float(values["max_rel_diff"]) <= 1e-4 and values["auroc_torch"] == values["auroc_export"]
