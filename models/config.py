@@ -262,7 +262,8 @@ class LineConfig(_Strict):
     # Scheduler address of an existing Dask cluster; None = a LocalCluster sized to the machine.
     dask_address: str | None = None
     # Each rebuild also exports its model to ONNX (`patchline export`), checked for parity before the
-    # model is logged, and logs it with the run as `export/` (model.onnx, line.json).
+    # model is logged, and logs it inside the MLflow model (artifact `export`), which then scores on the
+    # fastest runtime that passed.
     export_onnx: bool = False
 
     @field_validator("image_size")

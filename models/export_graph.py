@@ -17,7 +17,7 @@ from torch import nn
 from patchline.models.line_detector import LineDetector
 from patchline.models.scoring.calibration import FUSED
 
-# Resize with antialiasing (opset 18) and dynamic image sizes.
+# The ONNX opset written; ONNX Runtime and OpenVINO of the export extra's versions read it.
 OPSET = 18
 # A side of at most this many pixels, the decoder's own limit on image size aside.
 MAX_SIDE = 16384

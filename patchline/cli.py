@@ -336,7 +336,7 @@ def export_command(
     _require_home()
     _require_writable(out, "--out")
     config = _load(line)
-    from patchline.storage.export import ExportError, export_version
+    from patchline.storage.export import ExportError, export_version, runtime_summary
     from patchline.storage.tracking import configure_mlflow
 
     try:
@@ -346,9 +346,7 @@ def export_command(
     typer.echo(f"exported {config.name} version {exported.version} to {out} ({exported.model_format}, line.json); "
                f"PyTorch scores {exported.torch_img_s:.1f} images/s")
     for runtime, found in exported.runtimes.items():
-        typer.echo(f"  {runtime}: " + (f"scores within {found['max_rel_score_diff']:.1e} relative, maps within "
-                                       f"{found['max_map_diff']:.1e}, {found['img_s']:.1f} images/s"
-                                       if found["passed"] else f"FAILED the parity check: {found['error']}"))
+        typer.echo(f"  {runtime_summary(runtime, found)}")
     typer.echo(f"the runtime scorer will use {exported.runtime} (the fastest that passed)")
 
 

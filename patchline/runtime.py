@@ -31,9 +31,8 @@ FORMAT = "patchline-export/2"
 METADATA = "line.json"
 # The graph's files in each export format, and the runtimes that can run that format.
 MODEL_FILES = {"onnx": ["model.onnx"], "openvino": ["model.xml", "model.bin"]}
+# Each runtime is also the name of its Python module and of its distribution.
 FORMAT_RUNTIMES = {"onnx": ["onnxruntime", "openvino"], "openvino": ["openvino"]}
-# The Python module each runtime is imported as.
-RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 Session = Callable[[np.ndarray], list[np.ndarray]]
 
@@ -98,7 +97,7 @@ def passed_runtimes(metadata: dict) -> list[str]:
 
 
 def installed(runtime: str) -> bool:
-    return importlib.util.find_spec(RUNTIME_MODULES[runtime]) is not None
+    return importlib.util.find_spec(runtime) is not None
 
 
 def fastest_runtime(metadata: dict) -> str | None:

@@ -97,6 +97,7 @@ def export_bundle(bundle: Path, out: Path, version: str | None = None,
         metadata = {"format": FORMAT, "model_format": model_format, "line": detector.config.name, "version": version,
                     "image_size": detector.config.image_size, "outputs": outputs,
                     **json.loads(detector.calibration.to_json())}
+        # Written now for the runtimes' `ExportedLine`s, and again below with what they measured.
         (staged / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         expected = detector.score(images)
         torch_img_s = len(images) / _best_seconds(lambda: detector.score(images))
@@ -110,6 +111,14 @@ def export_bundle(bundle: Path, out: Path, version: str | None = None,
         for path in staged.iterdir():
             shutil.move(str(path), out / path.name)
     return Export(out, version, model_format, metadata["runtimes"], torch_img_s)
+
+
+def runtime_summary(runtime: str, found: dict) -> str:
+    """One runtime's entry of line.json (`Export.runtimes`) in words, as the CLI and the rebuild log it."""
+    if not found["passed"]:
+        return f"{runtime}: FAILED the parity check: {found['error']}"
+    return (f"{runtime}: scores within {found['max_rel_score_diff']:.1e} relative, maps within "
+            f"{found['max_map_diff']:.1e}, {found['img_s']:.1f} images/s")
 
 
 def _onnx_to_openvino(folder: Path) -> None:
@@ -158,9 +167,9 @@ def check_parity(detector: LineDetector, expected: dict[str, Detections],
     for name, detections in expected.items():
         scale = max(1.0, float(np.abs(detections.maps).max()))
         map_diff = max(map_diff, float(np.max(np.abs(found[name][1] - detections.maps))) / scale)
-    decider = detector.calibration.decision_detector
+    decider = calibration.decision_detector
     _, decisions, _ = detector.decide(expected)
-    exported_decisions = found[decider][0] >= detector.calibration.thresholds[decider]
+    exported_decisions = found[decider][0] >= calibration.thresholds[decider]
     if score_diff > SCORE_RTOL or map_diff > MAP_TOL or not np.array_equal(decisions, exported_decisions):
         raise ExportError(f"the export does not score as the version does: scores differ by up to {score_diff:.2e} "
                           f"(relative; allowed {SCORE_RTOL:g}), maps by {map_diff:.2e} (allowed {MAP_TOL:g}), "

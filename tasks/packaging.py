@@ -13,7 +13,7 @@ from patchline.models.detectors import Detector
 from patchline.models.patchcore.detector import PatchCoreDetector
 from patchline.models.patchcore.memory_bank import MemoryBank
 from patchline.models.scoring.calibration import Calibration
-from patchline.storage.export import export_bundle
+from patchline.storage.export import export_bundle, runtime_summary
 from patchline.storage.model_bundle import save_bundle
 from patchline.tasks.oesdn import TrainedNetwork, reconstruction_detectors
 
@@ -40,9 +40,5 @@ def export_model_task(bundle: Path, folder: Path) -> Path:
     exported = export_bundle(bundle, folder)
     logger = get_run_logger()
     for runtime, found in exported.runtimes.items():
-        if found["passed"]:
-            logger.info("exported to ONNX, on %s: scores within %.1e (relative) of the bundle's, maps within %.1e, "
-                        "%.1f images/s", runtime, found["max_rel_score_diff"], found["max_map_diff"], found["img_s"])
-        else:
-            logger.warning("exported to ONNX, %s not usable: %s", runtime, found["error"])
+        (logger.info if found["passed"] else logger.warning)("exported to ONNX, %s", runtime_summary(runtime, found))
     return folder
