@@ -95,28 +95,65 @@ def _launch(name: str, argv: list[str], env: dict[str, str], port: int, health_p
     return Service(name, url, url + health_path, process, log_path)
 
 
+# The services a flow run of a CLI command needs: task runs reach the database only as events that the
+# task-run recorder writes (without it the UI shows no stage), the event persister keeps the run's event
+# feed, and pause expirations end an approval that nobody answered. The scheduler and the rest serve
+# deployments and work pools, which such an API has none of.
+_API_ONLY_SERVICES_OFF = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "REPOSSESSOR", "CANCELLATION_CLEANUP",
+                          "TRIGGERS", "EVENT_LOGGER")
+
+
 def start_prefect_server(port: int, api_only: bool = False) -> Service:
     """`prefect server start` with its database under `PATCHLINE_HOME/prefect`; not yet healthy.
 
-    `api_only`: no UI and no background services, stopped by the kernel if its parent dies."""
+    `api_only`: no UI and only the services a CLI command's flow runs need, stopped by the kernel if its
+    parent dies."""
     env = {"PREFECT_HOME": str(patchline_home() / "prefect"),
            "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
     if api_only:
-        argv += ["--no-ui", "--no-services"]
+        argv += ["--no-ui"]
+        env.update({f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in _API_ONLY_SERVICES_OFF})
+    else:
+        # The UI's pages call the API at this address; Prefect's default names port 4200 whatever the port.
+        env["PREFECT_UI_API_URL"] = f"http://{HOST}:{port}/api"
     return _launch("Prefect API" if api_only else "Prefect server", argv, env, port, "/api/health",
                    stop_with_parent=api_only)
 
 
+def ui_api_file() -> Path:
+    """Where `patchline ui` leaves its Prefect API's URL while it runs, for other commands to use."""
+    return patchline_home() / "prefect" / "ui-api-url"
+
+
+def running_ui_api() -> str | None:
+    """The API URL of a `patchline ui` running on this home, if it answers now."""
+    try:
+        url = ui_api_file().read_text().strip()
+    except OSError:
+        return None
+    return url if url and _answers(url.removesuffix("/api") + "/api/health") else None
+
+
 @contextmanager
 def local_prefect_api(timeout_s: float = 180.0) -> Iterator[str]:
-    """A Prefect API on a free port for this process's flows, its URL in the settings inside the block.
+    """A Prefect API for this process's flows, its URL in the settings inside the block: the one of a
+    `patchline ui` running on this home (its UI then shows the runs at once), else one on a free port.
 
     Prefect's own temporary server is an ordinary child: when a CLI run is killed it lives on (about
-    250 MB) for good. This one is stopped by the kernel when its parent dies, however it dies."""
+    250 MB) for good. Ours is stopped by the kernel when its parent dies, however it dies."""
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    shared = running_ui_api()
+    if shared is not None:
+        logger.info("using the Prefect API of `patchline ui`: %s", shared)
+        with temporary_settings(updates={PREFECT_API_URL: shared}):
+            try:
+                yield shared.removesuffix("/api")
+            finally:
+                APILogWorker.drain_all(timeout=10)
+        return
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         port = probe.getsockname()[1]
@@ -255,8 +292,10 @@ def running_uis(prefect_port: int = 4200, mlflow_port: int = 5000,
         started.append(mlflow := start_mlflow_server(mlflow_port))
         started.append(prefect := start_prefect_server(prefect_port))
         wait_until_healthy(tuple(started), timeout_s)
+        ui_api_file().write_text(f"{prefect.url}/api\n")
         yield RunningUis(prefect, mlflow)
     finally:
+        ui_api_file().unlink(missing_ok=True)
         stop_services(tuple(started))
 
 

@@ -6,7 +6,10 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
 
 from patchline.flows.rebuild import rebuild_product_line
-from patchline.tasks.lines import configured_lines, load_line_task
+from patchline.tasks.lines import configured_lines, load_line_task, publish_fleet_task
+from patchline.tasks.run_logs import quiet_completed_states
+
+quiet_completed_states()
 
 
 @flow(name="nightly")
@@ -16,7 +19,7 @@ def nightly(lines: list[str] | None = None, force: bool = False, full: bool = Fa
     updated from their champion, unless `full`."""
     log = get_run_logger()
     names = lines or configured_lines()
-    results, failed = {}, {}
+    results, failed, configs = {}, {}, []
     for name in names:
         loaded = load_line_task(name, return_state=True)
         if not loaded.is_completed():
@@ -24,12 +27,15 @@ def nightly(lines: list[str] | None = None, force: bool = False, full: bool = Fa
             log.error("line %s: %s", name, failed[name])
             continue
         config = loaded.result()
+        configs.append(config)
         state = rebuild_product_line(config, force=force, full=full, return_state=True)
         if state.is_completed():
             results[config.name] = state.result()
         else:
             failed[config.name] = state.message or state.type.value
             log.error("line %s failed: %s", config.name, failed[config.name])
+    if configs:
+        publish_fleet_task(configs)
     summary = {"rebuilt": results, "failed": failed}
     if failed:
         return Failed(message=f"{len(failed)} of {len(names)} lines failed: {', '.join(failed)}", data=summary)

@@ -6,7 +6,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from patchline.tasks.run_logs import quiet_completed_states
 from patchline.tasks.scoring import load_champion_task, read_images_task, score_batch_task, write_scores_task
+
+quiet_completed_states()
 
 
 @flow(name="score-images", flow_run_name="score-{line}")

@@ -181,7 +181,9 @@ class EvaluationConfig(_Strict):
     # missing here weighs 0 (it is still built, scored and reported on its own); weights of detectors
     # that a run leaves out (e.g. `patchline rebuild --detectors`) are ignored.
     fusion_weights: dict[Detector, Annotated[float, Field(ge=0)]] | None = None
-    # The detector whose decisions the deployed model returns; "auto" = the best image AUROC of the rebuild.
+    # The detector whose decisions the deployed model returns. "auto": the line's first version takes the
+    # best image AUROC of its rebuild (chosen on the test split, so that figure is optimistic), and every
+    # later one keeps its champion's; a person changes it here or by promoting a version that decides otherwise.
     decision_detector: Literal[Detector, "auto", "fused"] = "auto"
 
     @model_validator(mode="after")
@@ -203,17 +205,38 @@ MASK_METRICS = ("pixel_auroc", "aupro_30")
 
 class PromotionConfig(_Strict):
     metric: str = "image_auroc"
-    # The challenger may be worse than the champion by at most this much and still be promoted.
+    # The challenger may be worse than the champion by at most this much and still be promoted, and worse
+    # by at most this much than the best champion the line ever had on the same test set (the floor), so
+    # a run of slightly worse versions cannot walk the line down.
     tolerance: float = Field(0.005, ge=0)
-    # ... and worse than the best of the line's last `history` champions (scored on the same test set) by
-    # at most `tolerance` too, so a run of slightly worse versions cannot walk the line down.
-    history: int = Field(10, ge=1)
     # Fewer test images (good + anomalous) than this are too little evidence to replace a champion: the
     # gate keeps it and says to promote by hand. The first version of a line is promoted regardless.
     min_test_images: int = Field(30, ge=0)
     # A detector of both versions whose metric worsens by more than this blocks promotion, even when the
     # deciding detector is fine: a detector collapsing is a sign of bad training images.
     max_detector_drop: float = Field(0.1, ge=0)
+    # The operating point, each version at its own threshold on the same test set: the share of test
+    # defects the challenger misses, and of test goods it flags, may exceed the champion's by at most these.
+    max_miss_rate_increase: float = Field(0.02, ge=0)
+    max_fpr_increase: float = Field(0.02, ge=0)
+    # The deciding detector's threshold may rise above the champion's by at most this many good-score
+    # spreads (1.4826 x MAD of the champion's held-out good scores): defects among the new "good"
+    # images lift the threshold before they show in any metric.
+    max_threshold_rise: float = Field(1.0, ge=0)
+    # "manual": a challenger that passes every rule waits, paused in the Prefect UI, for a person to approve
+    # or reject it; no answer within `approval_timeout_hours` keeps the champion. A line's first version
+    # needs no approval.
+    approval: Literal["auto", "manual"] = "auto"
+    approval_timeout_hours: float = Field(24.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_history_window(cls, values: object) -> object:
+        # `history` (a window of recent champions) was replaced by the floor over every champion; configs
+        # and registered models that still name it keep loading.
+        if isinstance(values, dict) and "history" in values:
+            return {key: value for key, value in values.items() if key != "history"}
+        return values
 
     @field_validator("metric")
     @classmethod

@@ -61,9 +61,9 @@ class _RunMessagesOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING or record.name.startswith("patchline"):
             return True
-        # Prefect's run loggers carry the tasks' own lines; each task's success is in the Prefect UI.
-        return record.name in ("prefect.flow_runs", "prefect.task_runs") and \
-            not record.getMessage().startswith("Finished in state Completed")
+        # Prefect's run loggers carry the tasks' own lines (their "Finished in state Completed()" lines are
+        # dropped at the source, tasks/run_logs.py).
+        return record.name in ("prefect.flow_runs", "prefect.task_runs")
 
 
 def _raised_on_purpose(error: BaseException) -> bool:
@@ -197,6 +197,7 @@ def ui_command(
     """Start the Prefect and MLflow UIs on 127.0.0.1 with their data under PATCHLINE_HOME; Ctrl-C stops both."""
     _require_home()
     from patchline.deployments.services import ServiceError, block_until_one_exits, running_uis
+    from patchline.storage.tracking import MODEL_TRAINING_VIEW
 
     # SIGTERM (`kill`, a service manager) takes the same clean path as Ctrl-C; SIGINT is set explicitly
     # because a shell that starts us in the background leaves it ignored.
@@ -205,7 +206,7 @@ def ui_command(
     try:
         with running_uis(prefect_port, mlflow_port) as uis:
             typer.echo(f"Prefect UI: {uis.prefect.url}")
-            typer.echo(f"MLflow UI:  {uis.mlflow.url}")
+            typer.echo(f"MLflow UI:  {uis.mlflow.url}/#/{MODEL_TRAINING_VIEW}")
             typer.echo("Ctrl-C stops both.")
             block_until_one_exits(uis.services)
     except KeyboardInterrupt:
@@ -269,15 +270,34 @@ FullOption = Annotated[bool, typer.Option(
          "and warm-start its networks).")]
 
 
+def _print_screening(line: str, screening) -> None:
+    if screening.screened or screening.accepted:
+        typer.echo(f"  screen: {screening.note}")
+    for item in screening.quarantined:
+        typer.secho(f"  quarantined {item.path}: score {item.score:.4f} >= threshold {item.threshold:.4f} "
+                    f"(0-1 score {item.score_unit:.3f}); heat map: screening/{item.heatmap} in the run's artifacts",
+                    fg=typer.colors.YELLOW)
+    if screening.unlike is not None and screening.unlike.images:
+        typer.echo(f"  first build: {len(screening.unlike.images)} training images unlike the rest (leave-one-image-out "
+                   f"score above {screening.unlike.cutoff:.4f}); fitted on, check them:")
+        for path, score in screening.unlike.images:
+            typer.echo(f"    {path}: {score:.4f}")
+    if screening.quarantined:
+        typer.echo(f"  a reviewer who finds one good passes it with: patchline accept {line} PATH --reason '...'")
+
+
 def _print_rebuild(result: dict) -> None:
     if result["skipped"]:
         typer.echo(f"{result['line']}: {result['reason']}")
+        _print_screening(result["line"], result["screening"])
         return
     typer.echo(f"{result['line']}: image AUROC " + ", ".join(
         f"{name} {value:.4f}" for name, value in result["image_auroc"].items()))
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     typer.echo(f"  version {result['version']} {verdict}: {result['reason']}")
-    typer.echo(f"  decisions by: {result['decision_detector']}; MLflow run {result['run_id']}")
+    typer.echo(f"  decisions by: {result['decision_detector']} ({result['decision_reason']}); "
+               f"MLflow run {result['run_id']}")
+    _print_screening(result["line"], result["screening"])
     for part, note in result["reuse"].items():
         typer.echo(f"  {part}: {note}")
 
@@ -426,15 +446,95 @@ def promote_command(
 
 
 @app.command("rollback")
-def rollback_command(line: LineArg) -> None:
-    """Give the champion alias back to the version that held it before."""
+def rollback_command(
+    line: LineArg,
+    reason: Annotated[str, typer.Option(help="Why, kept in the line's champion record.")] = "rolled back by hand",
+) -> None:
+    """Give the champion alias back to the version that held it before; again, to the one before that."""
     _require_home()
     from patchline.storage.registry import rollback
     from patchline.storage.tracking import configure_mlflow
 
     name = _load(line).name
     try:
-        restored = rollback(configure_mlflow(), name)
+        restored = rollback(configure_mlflow(), name, reason)
     except ValueError as error:
         _fail(error)
     typer.echo(f"{name}: champion is back to v{restored.version}")
+
+
+@app.command("status")
+def status_command(
+    lines: Annotated[list[str] | None, typer.Argument(help="Lines to show (names or config files); default: all bundled.")] = None,
+) -> None:
+    """The fleet: per line, the champion and its age, the last rebuild's outcome and why, and a scheduled
+    rebuild that did not run."""
+    _require_home()
+    from datetime import datetime, timezone
+
+    from patchline.storage.fleet import line_status
+    from patchline.storage.tracking import configure_mlflow
+
+    configs = [_load(line) for line in lines or [str(path) for path in bundled_line_files().values()]]
+    client = configure_mlflow()
+    now = datetime.now(timezone.utc)
+    for config in configs:
+        row = line_status(client, config, now).row(now)
+        typer.echo(f"{row['line']:<16} champion {row['champion']:<5} age {row['champion age']:<8} "
+                   f"last: {row['last rebuild']}")
+        if row["why"]:
+            typer.echo(f"    why: {row['why']}")
+        if row["missed schedule"]:
+            typer.secho(f"    missed: no rebuild since its schedule ran at {row['missed schedule']} "
+                        f"('{config.schedule.cron}' {config.schedule.timezone})", fg=typer.colors.RED)
+
+
+@app.command("history")
+def history_command(line: LineArg) -> None:
+    """The line's champion timeline: each version that became champion, when, by whom or which rule, and why."""
+    _require_home()
+    from mlflow.exceptions import MlflowException
+
+    from patchline.storage.registry import champion_stack, champion_timeline
+    from patchline.storage.tracking import configure_mlflow
+
+    name = _load(line).name
+    try:
+        events = champion_timeline(configure_mlflow(), name)
+    except MlflowException:
+        events = []
+    if not events:
+        typer.echo(f"{name}: no champion yet")
+        return
+    for event in events:
+        typer.echo(f"{event.at:<25} v{event.version:<5} {event.action:<17} by {event.by}: {event.reason}")
+    stack = champion_stack(events)
+    typer.echo(f"champion now: v{stack[-1]}" if stack else "champion now: none")
+
+
+@app.command("accept")
+def accept_command(
+    line: LineArg,
+    images: Annotated[list[Path], typer.Argument(help="Quarantined training images a reviewer found good.")],
+    reason: Annotated[str, typer.Option(help="Why they are good, kept with the line's model.")] = "reviewed: good",
+) -> None:
+    """Pass training images that the screen quarantined: later rebuilds fit on them, and the record keeps who
+    accepted them, when and why."""
+    _require_home()
+    from patchline.storage.image_files import BadImageError, decode_image
+    from patchline.storage.manifest import content_hash
+    from patchline.storage.registry import accept_images
+    from patchline.storage.tracking import configure_mlflow
+
+    name = _load(line).name
+    found = {}
+    for path in images:
+        try:
+            found[content_hash(decode_image(path))] = str(path.resolve())
+        except BadImageError as error:
+            _fail(error)
+    try:
+        accept_images(configure_mlflow(), name, found, reason)
+    except ValueError as error:
+        _fail(error)
+    typer.echo(f"{name}: accepted {len(found)} images; the next rebuild fits on them")

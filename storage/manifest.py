@@ -61,6 +61,14 @@ class Manifest:
     rows: list[ManifestRow]
     skipped: list[SkippedFile] = field(default_factory=list)
     ignored: list[SkippedFile] = field(default_factory=list)
+    # Good training images the champion called anomalous: not fitted or calibrated on (tasks/screening.py).
+    quarantined: list[SkippedFile] = field(default_factory=list)
+
+    def without(self, ids: set[str], reasons: dict[str, str]) -> Manifest:
+        """The manifest with the rows of `ids` moved to `quarantined`, each with its reason by id."""
+        moved = [SkippedFile(row.source, reasons[row.id]) for row in self.rows if row.id in ids]
+        return Manifest(self.line, [row for row in self.rows if row.id not in ids], self.skipped, self.ignored,
+                        self.quarantined + moved)
 
     def select(self, split: Split | None = None, label: Label | None = None) -> list[ManifestRow]:
         """Rows of one split and/or label, in manifest order."""
@@ -92,6 +100,9 @@ class Manifest:
         if self.ignored:
             lines.append(f"  ignored {len(self.ignored)} entries:")
             lines += [f"    {item.path}: {item.reason}" for item in self.ignored]
+        if self.quarantined:
+            lines.append(f"  quarantined {len(self.quarantined)} training images:")
+            lines += [f"    {item.path}: {item.reason}" for item in self.quarantined]
         return "\n".join(lines)
 
     def write_csv(self, path: Path) -> Path:
@@ -107,6 +118,7 @@ class Manifest:
             writer.writeheader()
             writer.writerows({**asdict(item), "kind": "bad input"} for item in self.skipped)
             writer.writerows({**asdict(item), "kind": "ignored"} for item in self.ignored)
+            writer.writerows({**asdict(item), "kind": "quarantined"} for item in self.quarantined)
         return path
 
 

@@ -85,6 +85,13 @@ def experiment_name(line: str) -> str:
     return f"patchline-{line}"
 
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces, prompts) unless this tag names model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# ... and its navigation in GenAI mode unless a link asks for model training; patchline's links do.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
 def line_experiment_id(client: MlflowClient, line: str) -> str:
     """The line's experiment, created on first use with an explicit artifact folder on a local store.
 
@@ -96,12 +103,15 @@ def line_experiment_id(client: MlflowClient, line: str) -> str:
     name = experiment_name(line)
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        if existing.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+            client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return existing.experiment_id
+    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
     if client.tracking_uri.startswith(("http://", "https://")):
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags=tags)
     location = artifact_root() / line
     location.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(name, artifact_location=location.as_uri())
+    return client.create_experiment(name, artifact_location=location.as_uri(), tags=tags)
 
 
 def config_params(config: LineConfig) -> dict[str, str]:
@@ -121,6 +131,11 @@ def config_params(config: LineConfig) -> dict[str, str]:
 
 DATA_FINGERPRINT_TAG = "patchline.data_fingerprint"
 MODEL_CONFIG_TAG = "patchline.model_config_fingerprint"
+# Identity of a run's test set, so the gate only compares metrics measured on the same images.
+TEST_FINGERPRINT_TAG = "patchline.test_fingerprint"
+DECISION_DETECTOR_TAG = "patchline.decision_detector"
+# Why that detector decides; when the rebuild chose it by its test AUROC, the tag says that figure is optimistic.
+DECISION_REASON_TAG = "patchline.decision_detector.reason"
 # Settings that say when, where or how a line is rebuilt, described and exported, not which model it gets.
 # Which images a line reads is the data fingerprint's business (source, on_bad_input): a moved folder or
 # a few more images must not count as other model settings, or no rebuild could reuse its champion.

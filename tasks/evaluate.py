@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from patchline.models.config import LineConfig
 from patchline.models.scoring.calibration import FUSED, Calibration, fit_calibration, fuse
 from patchline.models.scoring.detection import Detections
-from patchline.models.scoring.metrics import best_detector, evaluate_detector
+from patchline.models.scoring.metrics import best_detector, choose_decision_detector, evaluate_detector, robust_spread
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.pixels import read_mask, read_pixels
 from patchline.storage.plots import plot_heatmap_gallery, plot_pr_curves, plot_roc_curves, plot_score_histograms
@@ -28,6 +28,12 @@ class Evaluation:
     calibration: Calibration
     best: str
     plots: list[Path]
+    decision_reason: str  # why `calibration.decision_detector` decides (models/scoring/metrics.py)
+    test: dict[str, Detections]  # every detector's (and `fused`'s) detections of the test rows
+
+    @property
+    def decision_test(self) -> Detections:
+        return self.test[self.calibration.decision_detector]
 
     @property
     def decision_metrics(self) -> dict[str, float]:
@@ -42,8 +48,10 @@ class Evaluation:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_set: dict[str, Detections],
-                  test_set: dict[str, Detections], out_dir: Path) -> Evaluation:
-    """Metrics of every detector (and the fused one) on the test rows, thresholds from held-out goods."""
+                  test_set: dict[str, Detections], out_dir: Path,
+                  champion: tuple[str, str] | None = None) -> Evaluation:
+    """Metrics of every detector (and the fused one) on the test rows, thresholds from held-out goods; the
+    deciding detector is the `champion`'s (version, detector) unless the line config names one."""
     started = time.perf_counter()
     settings = config.evaluation
     calibration = fit_calibration(calibration_set, settings.threshold_percentile, next(iter(calibration_set)),
@@ -60,16 +68,18 @@ def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_
         name: evaluate_detector(d.scores, labels, defect_types, d.maps if masks is not None else None, masks,
                                 good_scores_for_threshold=good_scores[name], percentile=settings.threshold_percentile)
         for name, d in test_set.items()}
+    for name, values in metrics.items():
+        values["good_spread"] = robust_spread(good_scores[name])
     best = best_detector(metrics)
-    decision = best if settings.decision_detector == "auto" else settings.decision_detector
+    decision, why = choose_decision_detector(settings.decision_detector, metrics, champion)
     if decision not in metrics:
         raise ValueError(f"decision_detector {decision!r} is not among this line's detectors {sorted(metrics)}")
     calibration = dataclasses.replace(calibration, decision_detector=decision)
     plots = _plots(test_rows, labels, test_set, calibration, out_dir)
-    get_run_logger().info("%s: image AUROC %s; best %s, deciding %s; evaluated in %.1f s", config.name,
-                          {n: round(m["image_auroc"], 4) for n, m in metrics.items()}, best, decision,
+    get_run_logger().info("%s: image AUROC %s; best %s, deciding %s (%s); evaluated in %.1f s", config.name,
+                          {n: round(m["image_auroc"], 4) for n, m in metrics.items()}, best, decision, why,
                           time.perf_counter() - started)
-    return Evaluation(metrics, calibration, best, plots)
+    return Evaluation(metrics, calibration, best, plots, why, test_set)
 
 
 def _masks(rows: list[ManifestRow], size: int) -> np.ndarray | None:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
+import tempfile
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from uuid import UUID
 
 import mlflow
 import numpy as np
 from mlflow.entities import Metric
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from patchline.models.config import GATE_METRICS, LineConfig
+from patchline.models.config import LineConfig
 from patchline.models.patchcore.memory_bank import MemoryBank
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.line_config import save_line
@@ -26,16 +29,18 @@ from patchline.storage.paths import work_folders
 from patchline.storage.pixels import read_pixels
 from patchline.storage.pyfunc_model import log_line_model
 from patchline.storage.registry import (
-    GateDecision, GateEvidence, apply_gate, champion_version, decide_promotion, recent_champions, register_version,
-    registered_model_name)
+    GateDecision, GateEvidence, OperatingPoint, apply_gate, champion_version, decide_promotion, gate_floor,
+    register_version, registered_model_name)
 from patchline.storage.tracking import (
-    DATA_FINGERPRINT_TAG, MODEL_CONFIG_TAG, config_params, configure_mlflow, ensure_tracking_reachable,
-    line_experiment_id, model_config_fingerprint)
+    DATA_FINGERPRINT_TAG, DECISION_DETECTOR_TAG, DECISION_REASON_TAG, MODEL_CONFIG_TAG, MODEL_TRAINING_VIEW,
+    TEST_FINGERPRINT_TAG, config_params,
+    configure_mlflow, ensure_tracking_reachable, line_experiment_id, model_config_fingerprint)
 from patchline.tasks.evaluate import Evaluation
 from patchline.tasks.incremental import write_fit_ids
 from patchline.tasks.ingest import LineData
+from patchline.tasks.outcome import RunOutcome
+from patchline.tasks.screening import SCREENING_ARTIFACTS, Screening
 
-TEST_FINGERPRINT_TAG = "patchline.test_fingerprint"
 SKIPPED_TAG = "patchline.skipped"
 REUSE_TAG = "patchline.incremental"
 # Two rebuilds of the same images and settings give the same bank on any Dask cluster: this tag shows it.
@@ -45,11 +50,13 @@ MLFLOW_UI_ENV = "PATCHLINE_MLFLOW_UI_URL"
 
 @dataclass(frozen=True)
 class StartedRun:
-    """The rebuild's MLflow run and the work folder its files are written to before logging."""
+    """The rebuild's MLflow run, the work folder its files are written to before logging, and its Prefect
+    flow run."""
 
     run_id: str
     experiment_id: str
     work_dir: Path
+    flow_run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,10 +70,24 @@ class UnchangedChampion:
 
 
 @dataclass(frozen=True)
+class ChampionScores:
+    """The champion's deciding detector on this rebuild's test rows (NaN for ambiguous rows it was not
+    re-scored on), with its own threshold."""
+
+    version: str
+    detector: str
+    scores: np.ndarray
+    threshold: float
+
+
+@dataclass(frozen=True)
 class GateOutcome:
     version: str
     decision: GateDecision
     champion: str | None
+    champion_scores: ChampionScores | None = None   # for the review page; None for champions logged without
+    awaiting_approval: bool = False                  # passed the gate; `champion` moves once a person approves
+    champion_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # its metric per detector
 
 
 def reuse_tags(reuse: dict[str, str]) -> dict[str, str]:
@@ -96,12 +117,13 @@ def start_run_task(config: LineConfig, flow_run_id: str | None) -> StartedRun:
     """Open the rebuild's run in the line's experiment with the whole config as params."""
     client = configure_mlflow()
     experiment_id = line_experiment_id(client, config.name)
-    run = client.create_run(experiment_id, run_name=f"rebuild-{config.name}",
+    run = client.create_run(experiment_id, run_name=f"{config.name} rebuilding",
                             tags={"patchline.line": config.name, "prefect.flow_run_id": str(flow_run_id),
                                   MODEL_CONFIG_TAG: model_config_fingerprint(config)})
     params = config_params(config)
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
-    return StartedRun(run.info.run_id, experiment_id, work_folders(config.name) / run.info.run_id)
+    return StartedRun(run.info.run_id, experiment_id, work_folders(config.name) / run.info.run_id,
+                      str(flow_run_id) if flow_run_id else None)
 
 
 @task(name="find-unchanged-champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -116,18 +138,21 @@ def find_unchanged_champion_task(config: LineConfig, data: LineData) -> Unchange
             run.data.tags.get(MODEL_CONFIG_TAG) != model_config_fingerprint(config):
         return None
     return UnchangedChampion(str(champion.version), champion.run_id, dict(run.data.metrics),
-                             run.data.tags.get("patchline.decision_detector", ""))
+                             run.data.tags.get(DECISION_DETECTOR_TAG, ""))
 
 
 @task(name="record-skip", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def record_skip_task(run: StartedRun, data: LineData, unchanged: UnchangedChampion) -> str:
+def record_skip_task(run: StartedRun, data: LineData, unchanged: UnchangedChampion, screening: Screening) -> str:
     """Tag the run as a skip that names the champion it left in place; returns the reason."""
-    reason = (f"unchanged since v{unchanged.version}: same images and model settings as its run "
+    quarantined = (f" once the screen quarantined {len(screening.quarantined)} new training images"
+                   if screening.quarantined else "")
+    reason = (f"unchanged since v{unchanged.version}{quarantined}: same images and model settings as its run "
               f"{unchanged.run_id}; not rebuilt (--force, or the flow parameter force, rebuilds anyway)")
     client = configure_mlflow()
     client.set_tag(run.run_id, DATA_FINGERPRINT_TAG, data.manifest.fingerprint())
     client.set_tag(run.run_id, SKIPPED_TAG, reason)
-    create_markdown_artifact(markdown=f"# Rebuild of `{data.manifest.line}`\n\n**Skipped:** {reason}.",
+    create_markdown_artifact(markdown=f"# Rebuild of `{data.manifest.line}`\n\n**Skipped:** {reason}.\n\n"
+                                      + _screening_markdown(screening),
                              key=f"rebuild-{data.manifest.line}", description=f"Rebuild of {data.manifest.line}: skipped")
     get_run_logger().info("%s: %s", data.manifest.line, reason)
     return reason
@@ -142,6 +167,19 @@ def finish_run_task(run: StartedRun, error: str | None = None) -> None:
         client.set_tag(run.run_id, "patchline.error", error[:5000])
     client.set_terminated(run.run_id, "FAILED" if error is not None else "FINISHED")
     shutil.rmtree(run.work_dir, ignore_errors=True)
+
+
+@task(name="name-run", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def name_run_task(run: StartedRun, outcome: RunOutcome) -> None:
+    """Name the MLflow run and the Prefect flow run by what happened, and tag the outcome, version and
+    deciding figure on the MLflow run (columns of its run list)."""
+    client = configure_mlflow()
+    for key, value in outcome.tags().items():
+        client.set_tag(run.run_id, key, value)
+    client.update_run(run.run_id, name=outcome.name)
+    if run.flow_run_id is not None:
+        with get_client(sync_client=True) as prefect:
+            prefect.update_flow_run(UUID(run.flow_run_id), name=outcome.name)
 
 
 @task(name="log-to-mlflow", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -166,13 +204,14 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
     client.set_tag(run_id, DATA_FINGERPRINT_TAG, data.manifest.fingerprint())
     client.set_tag(run_id, TEST_FINGERPRINT_TAG, test_fingerprint(data))
     client.set_tag(run_id, "patchline.best_detector", evaluation.best)
-    client.set_tag(run_id, "patchline.decision_detector", evaluation.calibration.decision_detector)
+    client.set_tag(run_id, DECISION_DETECTOR_TAG, evaluation.calibration.decision_detector)
+    client.set_tag(run_id, DECISION_REASON_TAG, evaluation.decision_reason)
     for tag, value in {**reuse_tags(reuse), **tags}.items():
         client.set_tag(run_id, tag, value[:5000])
     data.manifest.write_csv(work_dir / "manifest.csv")
     save_line(config, work_dir / "line_config.yaml")
     for path in [work_dir / "manifest.csv", work_dir / "manifest.skipped.csv", work_dir / "line_config.yaml",
-                 write_fit_ids(data, work_dir)]:
+                 write_fit_ids(data, work_dir), _write_test_scores(data, evaluation, work_dir / "test_scores.csv")]:
         client.log_artifact(run_id, str(path), "data")
     for path in evaluation.plots:
         client.log_artifact(run_id, str(path), "plots")
@@ -183,10 +222,32 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
     return info.model_uri
 
 
+TEST_SCORES_ARTIFACT = "data/test_scores.csv"
+# Written by tasks/review.py after the gate; the summary links to it.
+REVIEW_ARTIFACT = "review/review.html"
+
+
+def _write_test_scores(data: LineData, evaluation: Evaluation, path: Path) -> Path:
+    """Every test row's score per detector and the deciding detector's score, threshold and decision: what
+    the next rebuild's review page shows of this version without scoring it again."""
+    chosen = evaluation.decision_test.scores
+    threshold = evaluation.calibration.thresholds[evaluation.calibration.decision_detector]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "path", "label", "defect_type", "score", "threshold", "decision",
+                         *(f"score_{name}" for name in evaluation.test)])
+        for i, row in enumerate(data.test):
+            writer.writerow([row.id, row.source, row.label, row.defect_type, f"{chosen[i]:.6f}", f"{threshold:.6f}",
+                             "anomalous" if chosen[i] >= threshold else "good",
+                             *(f"{d.scores[i]:.6f}" for d in evaluation.test.values())])
+    return path
+
+
 @task(name="register-and-gate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_and_gate_task(config: LineConfig, run_id: str, model_uri: str, data: LineData,
                            evaluation: Evaluation) -> GateOutcome:
-    """Decide on the challenger, register it as `challenger`, and move `champion` only if the gate says so.
+    """Decide on the challenger, register it as `challenger`, and move `champion` only if the gate says so
+    (with `promotion.approval: manual`, a challenger that passes waits for a person instead).
 
     Everything the decision needs is read before the registry is touched, and `champion` moves only if
     it still points where the decision read it (else the gate decides again)."""
@@ -198,81 +259,148 @@ def register_and_gate_task(config: LineConfig, run_id: str, model_uri: str, data
         raise ValueError(f"line {config.name}: promotion metric {metric!r} was not measured for the deciding "
                          f"detector {detector} (pixel metrics need ground-truth masks); the registry is untouched")
     test_images = sum(1 for row in data.test if row.label != "ambiguous")
-    version = None
+    own = evaluation.metrics[detector]
+    point = OperatingPoint(own["miss_rate_at_threshold"], own["fpr_at_threshold"], own["threshold"],
+                           own.get("good_spread"))
+    hold = config.promotion.approval == "manual"
+    version, scores = None, None
     for _ in range(3):
         current = champion_version(client, config.name)
-        evidence = GateEvidence(detector, challenger, test_images)
+        evidence = GateEvidence(detector, challenger, test_images, challenger_point=point)
         if current is not None:
-            evidence = _champion_evidence(client, config, current, data, evidence)
+            evidence, scores = _champion_evidence(client, config, current, data, evidence)
         decision = decide_promotion(evidence, config.promotion)
+        waits = hold and decision.promote and current is not None
         version = version or register_version(client, config.name, model_uri, run_id)
-        if apply_gate(client, config.name, version, decision, evidence.champion):
+        if apply_gate(client, config.name, version, decision, evidence.champion, hold=waits):
             break
         get_run_logger().warning("champion of %s moved while the gate decided; deciding again", config.name)
     else:
         raise RuntimeError(f"line {config.name}: champion kept moving while the gate decided; v{version.version} "
                            "stays challenger only")
     get_run_logger().info("gate for %s v%s: %s (%s)", config.name, version.version,
-                          "promoted" if decision.promote else "kept champion", decision.reason)
-    return GateOutcome(str(version.version), decision, evidence.champion)
+                          "awaiting approval" if waits else "promoted" if decision.promote else "kept champion",
+                          decision.reason)
+    return GateOutcome(str(version.version), decision, evidence.champion, scores, waits, evidence.champion_detectors)
 
 
-def _champion_evidence(client, config: LineConfig, champion, data: LineData, evidence: GateEvidence) -> GateEvidence:
-    """The champion's metrics on this rebuild's test set (logged if it saw the same set, else re-scored),
-    and the best of the line's recent champions that saw it."""
-    metric, fingerprint = config.promotion.metric, test_fingerprint(data)
+def _champion_evidence(client, config: LineConfig, champion, data: LineData,
+                       evidence: GateEvidence) -> tuple[GateEvidence, ChampionScores | None]:
+    """The champion's metrics and operating point on this rebuild's test set (logged if it saw the same set,
+    else re-scored), the floor (the best value of any champion the line ever had on this test set), and the
+    champion's per-image scores where they are known."""
+    metric, fingerprint, detector = config.promotion.metric, test_fingerprint(data), evidence.detector
     run = client.get_run(champion.run_id)
+    logged = run.data.metrics
     detectors: dict[str, float] = {}
-    if run.data.tags.get(TEST_FINGERPRINT_TAG) == fingerprint and metric in run.data.metrics:
-        value = run.data.metrics[metric]
-        detectors = {name: run.data.metrics[f"{name}_{metric}"] for name in evidence.challenger
-                     if f"{name}_{metric}" in run.data.metrics}
+    # Thresholds come from held-out good images, not from the test set: comparable either way.
+    threshold, spread = logged.get(f"{detector}_threshold"), logged.get(f"{detector}_good_spread")
+    same = run.data.tags.get(DECISION_DETECTOR_TAG) == detector
+    if run.data.tags.get(TEST_FINGERPRINT_TAG) == fingerprint and metric in logged:
+        value = logged[metric]
+        detectors = {name: logged[f"{name}_{metric}"] for name in evidence.challenger if f"{name}_{metric}" in logged}
+        point = OperatingPoint(logged[f"{detector}_miss_rate_at_threshold"], logged[f"{detector}_fpr_at_threshold"],
+                               threshold, spread) if f"{detector}_miss_rate_at_threshold" in logged else None
+        scores = _logged_scores(run, champion, data)
     elif metric == "image_auroc":
-        value = _rescored_auroc(champion, data)
+        scores = _rescored(champion, run.data.tags.get(DECISION_DETECTOR_TAG, "?"), data)
+        known = ~np.isnan(scores.scores)
+        is_anomaly = np.array([row.label == "anomaly" for row in data.test])
+        flags = scores.scores >= scores.threshold
+        value = image_auroc(scores.scores[known], is_anomaly[known])
+        point = OperatingPoint(_share(~flags[known & is_anomaly]), _share(flags[known & ~is_anomaly]),
+                               threshold if same else None, spread)
     else:
         raise ValueError(f"the champion was evaluated on another test set and only image_auroc can be "
                          f"re-scored here, not {metric!r}")
-    better = max if GATE_METRICS[metric] == "higher" else min
-    recent = [(str(v.version), client.get_run(v.run_id)) for v in recent_champions(client, config.name,
-                                                                                    config.promotion.history)]
-    seen = [(version, past.data.metrics[metric]) for version, past in recent
-            if past.data.tags.get(TEST_FINGERPRINT_TAG) == fingerprint and metric in past.data.metrics]
-    best = better(seen, key=lambda item: item[1]) if seen else None
     return dataclasses.replace(evidence, champion=str(champion.version), champion_value=value,
-                               champion_detectors=detectors, best_recent=best)
+                               champion_detectors=detectors, floor=gate_floor(client, config.name, metric, fingerprint),
+                               champion_point=point), scores
 
 
-def _rescored_auroc(champion, data: LineData) -> float:
+def _share(flags: np.ndarray) -> float:
+    return float(flags.mean()) if len(flags) else 0.0
+
+
+def _logged_scores(run, champion, data: LineData) -> ChampionScores | None:
+    """The champion's test scores as its run logged them (None for runs from before they were)."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=TEST_SCORES_ARTIFACT,
+                                                       dst_path=folder)
+        except (OSError, mlflow.exceptions.MlflowException):
+            return None
+        with open(path, newline="") as handle:
+            logged = {row["id"]: row for row in csv.DictReader(handle)}
+    if not logged or any(row.id not in logged for row in data.test):
+        return None
+    threshold = float(next(iter(logged.values()))["threshold"])
+    return ChampionScores(str(champion.version), run.data.tags.get(DECISION_DETECTOR_TAG, "?"),
+                          np.array([float(logged[row.id]["score"]) for row in data.test]), threshold)
+
+
+def _rescored(champion, detector: str, data: LineData) -> ChampionScores:
+    """The champion's deciding scores on this test set (NaN for the ambiguous rows), scored now."""
     model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
-    known = [row for row in data.test if row.label != "ambiguous"]
-    scores = np.concatenate([model.predict([read_pixels(r.source) for r in known[i:i + 32]])["score"]
-                             for i in range(0, len(known), 32)])
-    return image_auroc(scores, [row.label == "anomaly" for row in known])
+    known = [i for i, row in enumerate(data.test) if row.label != "ambiguous"]
+    scores = np.full(len(data.test), np.nan)
+    threshold = float("nan")
+    for start in range(0, len(known), 32):
+        chosen = known[start:start + 32]
+        result = model.predict([read_pixels(data.test[i].source) for i in chosen])
+        scores[chosen] = result["score"]
+        threshold = float(result["threshold"][0])
+    return ChampionScores(str(champion.version), detector, scores, threshold)
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evaluation, outcome: GateOutcome,
-                         timings: dict[str, float], reuse: dict[str, str]) -> None:
-    """The Prefect markdown artifact: metrics per detector, the gate's decision, what was reused of the
-    champion, and the MLflow links."""
+                         timings: dict[str, float], reuse: dict[str, str], screening: Screening) -> None:
+    """The Prefect markdown artifact: metrics per detector, the gate's decision, the screen's quarantine,
+    what was reused of the champion, and the MLflow links."""
     ui = os.environ.get(MLFLOW_UI_ENV, "http://127.0.0.1:5000").rstrip("/")
     columns = ["image_auroc", "image_f1_max", "threshold", "fpr_at_threshold", "miss_rate_at_threshold",
                "pixel_auroc", "aupro_30"]
     shown = [c for c in columns if any(c in m for m in evaluation.metrics.values())]
+    metric = config.promotion.metric
+    champion = [f"champion v{outcome.champion} {metric}"] if outcome.champion_metrics else []
     rows = [f"| {name}{' (best)' if name == evaluation.best else ''}{' (decides)' if name == evaluation.calibration.decision_detector else ''} | "
-            + " | ".join(f"{m[c]:.4f}" if c in m else "–" for c in shown) + " |"
+            + " | ".join(f"{m[c]:.4f}" if c in m else "–" for c in shown)
+            + "".join(f" | {outcome.champion_metrics[name]:.4f}" if name in outcome.champion_metrics else " | –"
+                      for _ in champion) + " |"
             for name, m in evaluation.metrics.items()]
     verdict = "promoted to champion" if outcome.decision.promote else f"not promoted (champion stays v{outcome.champion})"
+    run_url = f"{ui}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    view = MODEL_TRAINING_VIEW
     markdown = "\n".join([
         f"# Rebuild of `{config.name}`", "",
-        "| detector | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|", *rows, "",
-        f"**Gate:** version {outcome.version} {verdict}. {outcome.decision.reason}", "",
-        "**Incremental:**", *(f"- {part}: {note}" for part, note in reuse.items()), "",
-        f"- MLflow run: {ui}/#/experiments/{run.experiment_id}/runs/{run.run_id}",
-        f"- Model version: {ui}/#/models/{registered_model_name(config.name)}/versions/{outcome.version}",
+        "| detector | " + " | ".join(shown + champion) + " |", "|---" * (len(shown) + len(champion) + 1) + "|", *rows,
+        "", f"**Gate:** version {outcome.version} {verdict}. {outcome.decision.reason}", "",
+        f"**Review page** (champion and challenger side by side, the images they get wrong): "
+        f"[{REVIEW_ARTIFACT}]({run_url}/artifactPath/{REVIEW_ARTIFACT}{view})", "",
+        f"**Deciding detector:** {evaluation.calibration.decision_detector}: {evaluation.decision_reason}", "",
+        _screening_markdown(screening), "",
+        "**What was reused:**", *(f"- {part}: {note}" for part, note in reuse.items()), "",
+        f"- MLflow run: {run_url}{view}",
+        f"- Model version: {ui}/#/models/{registered_model_name(config.name)}/versions/{outcome.version}{view}",
         "", "Stage times (s): " + ", ".join(f"{k.removeprefix('time_').removesuffix('_s')} {v:.1f}"
                                             for k, v in timings.items() if k.startswith("time_")),
     ])
     create_markdown_artifact(markdown=markdown, key=f"rebuild-{config.name}",
                              description=f"Rebuild of {config.name}: metrics and gate decision")
     get_run_logger().info("%s: version %s %s", config.name, outcome.version, verdict)
+
+
+def _screening_markdown(screening: Screening) -> str:
+    """The screen's note and its quarantined images (path, score, threshold, heat map artifact)."""
+    lines = [f"**Screen:** {screening.note}."]
+    if screening.unlike is not None and screening.unlike.images:
+        lines += ["", f"First build: {len(screening.unlike.images)} training images are unlike the rest "
+                      f"(leave-one-image-out score above {screening.unlike.cutoff:.4f}; reported, still fitted on, "
+                      f"{SCREENING_ARTIFACTS}/unlike.csv):", *(f"- {path}: {score:.4f}" for path, score in
+                                                              screening.unlike.images)]
+    if screening.quarantined:
+        lines += ["", "| quarantined image | score | threshold | 0-1 score | heat map |", "|---|---|---|---|---|"]
+        lines += [f"| {item.path} | {item.score:.4f} | {item.threshold:.4f} | {item.score_unit:.3f} | "
+                  f"{SCREENING_ARTIFACTS}/{item.heatmap} |" for item in screening.quarantined]
+    return "\n".join(lines)

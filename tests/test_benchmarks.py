@@ -39,9 +39,16 @@ TINY_RUNS: dict[str, tuple[list[str], str, tuple[str, ...]]] = {
                     "out_of_core", ("store_gb", "peak_rss_gb", "coreset_s", "radius_ratio_vs_sample")),
     "throughput": (["--train", "2", "--test", "4", "--bank-rows", "200"],
                    "throughput", ("device", "extract_img_s", "score_img_s")),
+    "poison": (["--limit", "30", "--levels", "0.1", "--set", "image_size=64",
+                "--set", "patchcore.backbone=efficientnet-lite0", "--set", "evaluation.detectors=[patchcore,darkness]"],
+               "poison", ("line", "levels", "quarantine_recall", "champion_detection_rate", "false_quarantine",
+                          "auroc_clean", "auroc_screened", "auroc_unscreened", "promoted_unscreened",
+                          "promoted_screened")),
 }
 # Why the other scripts are only started with --help here.
 NOT_RUN_HERE = {
+    "cli_latency": "times a nightly of three lines and a running `patchline ui`: minutes; "
+                   "tests/test_watching.py runs the same commands",
     "elpv": "a whole rebuild flow (Prefect, MLflow, training): too slow here even with --set source.limit_per_class",
     "fusion_weights": "the rebuild's Prefect tasks on a whole bundled ELPV line; no flag reads less",
     "gpu_check": "needs a CUDA device",
@@ -139,7 +146,7 @@ def test_tiny_run_ends_with_its_summary_line(name: str, runs: dict[tuple[str, ..
     assert first == prefix, last
     fields = dict(pair.split("=", 1) for pair in pairs)
     assert list(fields) == list(keys), last
-    numbers = {key: float(value) for key, value in fields.items() if key not in ("data", "device")}
+    numbers = {key: float(value) for key, value in fields.items() if key not in ("data", "device", "line")}
     assert all(math.isfinite(value) and value >= 0 for value in numbers.values()), last
     if name == "coreset":
         assert fields["data"] == "clustered" and numbers["n"] == 2000 and numbers["dim"] == 16, last
@@ -147,6 +154,10 @@ def test_tiny_run_ends_with_its_summary_line(name: str, runs: dict[tuple[str, ..
         assert 0 < numbers["radius_ratio"] < numbers["random_radius_ratio"], last
     elif name == "out_of_core":
         assert 0 < numbers["radius_ratio_vs_sample"] < 1 and numbers["peak_rss_gb"] > 0, last
+    elif name == "poison":
+        assert fields["line"] == "elpv-mono" and numbers["levels"] == 1, last
+        assert all(numbers[key] <= 1 for key in ("quarantine_recall", "false_quarantine", "auroc_screened")), last
+        assert "level 10% (3 cells) screened: " in result.stdout, result.stdout
     else:
         assert fields["device"] in ("cpu", "cuda", "mps"), last
         assert numbers["extract_img_s"] > 0 and numbers["score_img_s"] > 0, last

@@ -201,6 +201,16 @@ def test_nightly_skips_an_unchanged_line_and_survives_a_broken_one(first_rebuild
     assert len(client.search_model_versions(query)) == before and champion_version(client, LINE).version == champion
     skip = client.get_run(result["run_id"])
     assert skip.info.status == "FINISHED" and skip.data.tags[SKIPPED_TAG] == result["reason"]
+    # The nightly leaves the fleet view as a table artifact: the line's champion and its last run.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        [fleet] = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["fleet-status"])),
+                                         limit=1)
+    rows = {row["line"]: row for row in (json.loads(fleet.data) if isinstance(fleet.data, str) else fleet.data)}
+    assert rows[LINE]["champion"] == f"v{champion}" and rows[LINE]["last rebuild"].startswith(f"{LINE} unchanged")
+    assert rows["broken"]["last rebuild"].startswith("broken failed: IngestError")
+    assert "bad.png: empty file" in rows["broken"]["why"]
 
 
 def test_deployments_carry_each_lines_cron(home):
@@ -294,3 +304,30 @@ def test_cli_nightly_promote_and_rollback(first_rebuild, tmp_path):
     assert result.exit_code == 2 and "cannot promote version 99" in result.output
     result = runner.invoke(app, ["lines", str(good)])
     assert result.exit_code == 0 and result.output.startswith(LINE) and f"champion: v{champion} (" in result.output
+    result = runner.invoke(app, ["history", str(good)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "promoted          by gate: first version" in lines[0]
+    assert any("v2     promoted by hand  by " in line and line.endswith("operator check") for line in lines)
+    assert f"rolled back       by " in lines[-2] and lines[-1] == f"champion now: v{champion}"
+    result = runner.invoke(app, ["status", str(good)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{LINE:<16} champion v{champion}") and "last: " in result.output
+
+
+def test_status_names_a_schedule_that_did_not_run(first_rebuild):
+    from datetime import datetime, timedelta, timezone
+
+    from patchline.storage.fleet import line_status
+
+    client = configure_mlflow()
+    config = tiny_config(schedule=ScheduleConfig(cron="0 2 * * *", timezone="Europe/Berlin"))
+    now = datetime.now(timezone.utc)
+    fresh = line_status(client, config, now)
+    # Rebuilt minutes ago: nothing scheduled was missed since.
+    assert fresh.champion is not None and fresh.last_run is not None and fresh.missed is None
+    # Three days on, with no rebuild since: the last 02:00 Berlin time is named.
+    later = line_status(client, config, now + timedelta(days=3))
+    assert later.missed is not None and later.missed.hour == 2 and str(later.missed.tzinfo) == "Europe/Berlin"
+    row = later.row(now + timedelta(days=3))
+    assert row["missed schedule"].endswith("02:00+01:00") and row["last rebuild"].endswith(" ago)")

@@ -13,10 +13,11 @@ from patchline.models.config import (
     EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig)
 from patchline.models.patchcore.coreset import coreset_size, coverage_radius
 from patchline.storage.feature_store import FeatureStore
+from patchline.storage.image_files import decode_image
 from patchline.storage.ingest import build_manifest
-from patchline.storage.manifest import hold_out_calibration
+from patchline.storage.manifest import content_hash, hold_out_calibration
 from patchline.storage.nearest_cache import NearestCache, bank_digest
-from patchline.storage.registry import registered_model_name
+from patchline.storage.registry import accept_images, registered_model_name
 from patchline.storage.tracking import configure_mlflow
 from patchline.tasks.patchcore import feature_key, feature_root
 from patchline.tasks.tracking import REUSE_TAG
@@ -38,7 +39,8 @@ def line(tmp_path_factory) -> tuple[Path, LineConfig, list[np.ndarray]]:
                           learning_rate=1e-2),
         evaluation=EvaluationConfig(calibration_fraction=0.2, detectors=("patchcore", "oesdn", "ae")),
         # Every version is promoted, so each rebuild starts from the one before.
-        promotion=PromotionConfig(min_test_images=0, tolerance=1.0, max_detector_drop=1.0))
+        promotion=PromotionConfig(min_test_images=0, tolerance=1.0, max_detector_drop=1.0, max_miss_rate_increase=1.0,
+                                  max_fpr_increase=1.0, max_threshold_rise=1e6))
     return root, config, [images[i] for i in good[26:30]]
 
 
@@ -58,6 +60,12 @@ def fit_patches(config: LineConfig) -> np.ndarray:
     return stored.reshape(-1, stored.shape[2])
 
 
+def accept(paths: list[Path], reason: str) -> None:
+    """A reviewer passes images the champion's screen would quarantine (tasks/screening.py)."""
+    ids = {content_hash(decode_image(path)): str(path) for path in paths}
+    accept_images(configure_mlflow(), LINE, ids, reason)
+
+
 def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> None:
     from patchline.flows.rebuild import rebuild_product_line
 
@@ -68,8 +76,9 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
     assert first["reuse"]["patchcore"] == "full coreset"
 
     old_fit = fit_ids(config)
-    for i, cell in enumerate(more):
-        write_image(root / "train" / "good" / f"new{i}.png", cell)
+    added = [write_image(root / "train" / "good" / f"new{i}.png", cell) for i, cell in enumerate(more)]
+    # v1 saw 13 cells from one stretch of the set and flags these from the next: a reviewer passes them.
+    accept(added, "good cells of a later batch")
     new_fit = set(fit_ids(config)) - set(old_fit)
     assert new_fit, "some of the four new cells are fit images (the others are held out for calibration)"
     grown = rebuild_product_line(config)
@@ -102,9 +111,14 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
 
     # Random black and white squares look like nothing the bank holds, and few of their patches alike: the
     # bank's share of picks cannot cover them as tightly as the champion covered its cells.
+    # The screen quarantines them; only images a reviewer passed can reach the drift fallback.
+    odd = []
     for i in range(3):
         squares = np.random.default_rng(i).integers(0, 2, (10, 10)).astype(np.uint8) * 255
-        write_image(root / "train" / "good" / f"odd{i}.png", np.kron(squares, np.ones((30, 30), np.uint8)))
+        odd.append(write_image(root / "train" / "good" / f"odd{i}.png", np.kron(squares, np.ones((30, 30), np.uint8))))
+    quarantined = rebuild_product_line(config)
+    assert quarantined["skipped"] and {item.path for item in quarantined["screening"].quarantined} == set(map(str, odd))
+    accept(odd, "a new product variant")
     drifted = rebuild_product_line(config)
     tags = client.get_run(drifted["run_id"]).data.tags
     assert tags[REUSE_TAG].startswith("incremental from champion v2")

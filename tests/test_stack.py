@@ -165,7 +165,7 @@ def flow_runs(stack: Stack) -> list:
     from prefect.client.schemas.sorting import FlowRunSort
 
     with prefect_client(stack) as client:
-        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"rebuild-{LINE}"])),
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=LINE)),
                                      sort=FlowRunSort.START_TIME_DESC)
 
 
@@ -234,6 +234,43 @@ def test_the_nightly_runs_on_the_work_pool_with_its_coreset_on_the_dask_workers(
     assert run_record.data.tags.get("patchline.memory_bank_digest")
     version = champion(stack)
     assert version.run_id == run_record.info.run_id
+
+
+def chromium(url: str, *options: str) -> subprocess.CompletedProcess:
+    """Debian's headless Chromium on `url`, given time for the page's scripts to fetch and draw."""
+    browser = shutil.which("chromium")
+    assert browser, "the stack tier's browser check needs Debian's chromium (.ci/run installs it)"
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1400,1600", "--virtual-time-budget=20000", *options, url],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_flow_run_page_lists_the_stages_and_the_review_page_renders(stack, tmp_path):
+    """What a watcher sees in a real browser: the rebuild's task runs on its Prefect flow run page, and the
+    review page from the MLflow run with its pictures drawn. Screenshots stay in the test's folder."""
+    from PIL import Image
+
+    flow_run = flow_runs(stack)[-1]
+    page = f"{stack.url('PREFECT_PORT')}/runs/flow-run/{flow_run.id}"
+    dom = chromium(page, "--dump-dom").stdout
+    # The page's header counts the run's task runs (its graph, drawn on a canvas, shows each by name; the
+    # names themselves are checked through the API in tests/test_watching.py).
+    counted = re.search(r"(\d+) Task runs", dom)
+    assert counted and int(counted.group(1)) >= 12, f"the flow run page shows no stages: {counted}"
+    assert "did not generate any task" not in dom
+    shot = tmp_path / "flow-run.png"
+    chromium(page, f"--screenshot={shot}")
+    assert shot.stat().st_size > 20_000, "the flow run page rendered (nearly) blank"
+
+    [record] = [run for run in line_runs(stack) if run.data.tags.get("prefect.flow_run_id") == str(flow_run.id)]
+    review = Path(mlflow(stack).download_artifacts(record.info.run_id, "review/review.html", str(tmp_path)))
+    assert review.read_text().count("data:image/png") >= 2  # the ROC curves and the score histograms
+    shot = tmp_path / "review.png"
+    chromium(review.as_uri(), f"--screenshot={shot}")
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # The ROC curves and histograms are drawn in colour: a page whose pictures failed shows text only.
+    coloured = (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).mean()
+    assert coloured > 0.005, f"review page screenshot is nearly colourless ({coloured:.4f}): pictures missing"
 
 
 def test_deploying_to_a_work_pool_that_does_not_exist_names_it(stack):

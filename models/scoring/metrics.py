@@ -17,6 +17,9 @@ Metric names returned by `evaluate_detector` (flat, so they log to MLflow as the
   per-region-overlap curve up to FPR 0.3 divided by 0.3 (the suffix is 100 × `fpr_limit`).
 - `ambiguous_mean_score`, `ambiguous_flag_rate` (only when ambiguous images exist): their mean
   score and the share flagged at `threshold`.
+
+`good_spread` (`robust_spread` of the held-out good scores) is added by the evaluation: the gate
+measures a threshold's rise in it.
 """
 
 from __future__ import annotations
@@ -138,12 +141,17 @@ def fit_fusion_normalisers(good_scores_by_detector: Mapping[str, ArrayLike]) -> 
         if scores.ndim != 1 or len(scores) < 2 or not np.isfinite(scores).all():
             raise ValueError(f"detector {name!r}: need at least 2 finite held-out good scores (1-D), "
                              f"got shape {scores.shape}")
-        center = float(np.median(scores))
-        scale = _MAD_TO_STD * float(np.median(np.abs(scores - center)))
+        center, scale = float(np.median(scores)), robust_spread(scores)
         if scale == 0:
             raise ValueError(f"detector {name!r}: held-out good scores have zero spread (MAD = 0)")
         normalisers[name] = {"center": center, "scale": scale}
     return normalisers
+
+
+def robust_spread(scores: ArrayLike) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation of normal scores, unmoved by a few outliers."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return _MAD_TO_STD * float(np.median(np.abs(scores - np.median(scores))))
 
 
 def fuse_scores(scores_by_detector: Mapping[str, ArrayLike], normalisers: Mapping[str, Mapping[str, float]],
@@ -179,6 +187,25 @@ def best_detector(metrics_by_detector: Mapping[str, Mapping[str, float]], metric
     if missing:
         raise ValueError(f"metric {metric!r} missing for detectors {missing}")
     return max(metrics_by_detector, key=lambda name: metrics_by_detector[name][metric])
+
+
+def choose_decision_detector(setting: str, metrics_by_detector: Mapping[str, Mapping[str, float]],
+                             champion: tuple[str, str] | None) -> tuple[str, str]:
+    """The detector whose decisions a version deploys, and why. `setting` is the line's
+    `evaluation.decision_detector`; `champion` is (version, its deciding detector) once the line has one.
+
+    "auto" picks the best image AUROC only for a line's first version: picking again each night on the
+    test images that then judge the pick would let a poisoned rebuild switch to whichever detector the
+    poison hurt least."""
+    if setting != "auto":
+        return setting, "set in the line config (evaluation.decision_detector)"
+    if champion is not None and champion[1] in metrics_by_detector:
+        return champion[1], (f"kept from champion v{champion[0]} ('auto' chooses for a line's first version only; "
+                             "set evaluation.decision_detector or promote a version to change it)")
+    best = best_detector(metrics_by_detector)
+    lost = (f"champion v{champion[0]}'s {champion[1]} is not built by this rebuild; " if champion else "")
+    return best, (f"{lost}auto: the best image AUROC of this rebuild ({metrics_by_detector[best]['image_auroc']:.4f}), "
+                  "chosen on the test split that also reports it, so that figure is optimistic")
 
 
 def _pixel_chunks(maps: ArrayLike, masks: ArrayLike, keep: np.ndarray):

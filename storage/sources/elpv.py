@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from patchline.models.config import ElpvSource
 from patchline.storage.manifest import ManifestRow, SourceScan, content_hash
@@ -33,6 +32,9 @@ def elpv_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def elpv_rows(source: ElpvSource) -> list[ManifestRow]:
     """Manifest rows for the ELPV cells of `source`: train normals, then test normals, anomalies, ambiguous."""
+    # Imported here: scikit-learn takes seconds to import, and commands that read no ELPV cells need none.
+    from sklearn.model_selection import train_test_split
+
     images, levels, types = elpv_arrays()
     in_line = np.ones(len(images), bool) if source.cell_type is None else types == source.cell_type
     normal = np.flatnonzero(in_line & (levels == 0))
