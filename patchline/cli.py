@@ -493,16 +493,11 @@ def status_command(
 def history_command(line: LineArg) -> None:
     """The line's champion timeline: each version that became champion, when, by whom or which rule, and why."""
     _require_home()
-    from mlflow.exceptions import MlflowException
-
     from patchline.storage.registry import champion_stack, champion_timeline
     from patchline.storage.tracking import configure_mlflow
 
     name = _load(line).name
-    try:
-        events = champion_timeline(configure_mlflow(), name)
-    except MlflowException:
-        events = []
+    events = champion_timeline(configure_mlflow(), name)
     if not events:
         typer.echo(f"{name}: no champion yet")
         return

@@ -27,7 +27,7 @@ class LineStatus:
     last_run: str | None         # the last rebuild's run name (its outcome, tasks/outcome.py)
     last_reason: str
     last_started: datetime | None
-    missed: datetime | None      # the last scheduled time with no rebuild after it
+    missed: datetime | None      # the last scheduled time with no rebuild after it (lines rebuilt before)
 
     def row(self, now: datetime) -> dict[str, str]:
         """The status as a table row of text, the same in the CLI and the Prefect artifact."""
@@ -56,7 +56,8 @@ def line_status(client: MlflowClient, config: LineConfig, now: datetime | None =
         ("running" if run and run.info.status == "RUNNING" else "")
     schedule = config.schedule
     due = next(CronSim(schedule.cron, now.astimezone(ZoneInfo(schedule.timezone)), reverse=True))
-    missed = due if (now - due).total_seconds() > _GRACE_S and (started is None or started < due) else None
+    # A line never rebuilt says so ("never"); a line in service that skipped its last schedule is named.
+    missed = due if started is not None and started < due and (now - due).total_seconds() > _GRACE_S else None
     return LineStatus(config.name, str(champion.version) if champion else None, since,
                       run.info.run_name if run else None, reason[:300], started, missed)
 

@@ -191,8 +191,12 @@ class ChampionEvent:
 
 
 def champion_timeline(client: MlflowClient, line: str) -> list[ChampionEvent]:
-    """Every change of the line's champion, oldest first (champions from before the record: time and reason '?')."""
-    tags = client.get_registered_model(registered_model_name(line)).tags
+    """Every change of the line's champion, oldest first (champions from before the record: time and reason '?');
+    none for a line without a registered model."""
+    try:
+        tags = client.get_registered_model(registered_model_name(line)).tags
+    except MlflowException:
+        return []
     legacy = [ChampionEvent(v, "?", "?", "promoted", "?") for v in tags.get(LEGACY_HISTORY_TAG, "").split(",") if v]
     return legacy + [ChampionEvent(**json.loads(tags[key])) for key in sorted(tags) if key.startswith(EVENT_TAG_PREFIX)]
 

@@ -189,3 +189,9 @@ def test_rollback_without_champion_is_a_clear_error(client):
     rebuild(client, 0.9)
     with pytest.raises(ValueError, match="widget: no earlier champion"):
         rollback(client, "widget")
+
+
+def test_a_line_without_a_model_has_an_empty_record_and_rollback_says_so(client):
+    assert champion_timeline(client, "nothing-yet") == []
+    with pytest.raises(ValueError, match="nothing-yet: no earlier champion .*champions on record: none"):
+        rollback(client, "nothing-yet")
