@@ -254,6 +254,12 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, cron: str) -> str:
+        # Prefect's scheduler reads a sixth field as seconds ("0 0 2 * * *": every second of 00:00 on the
+        # 2nd), where other cron dialects read it otherwise; only the five fields both read alike pass.
+        fields = len(cron.split())
+        if fields != 5:
+            raise ValueError(f"cron {cron!r} has {fields} fields; a line's schedule takes exactly 5 (minute hour "
+                             "day-of-month month day-of-week), as Prefect's scheduler reads them")
         try:
             CronSim(cron, datetime(2026, 1, 1))
         except CronSimError as error:

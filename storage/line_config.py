@@ -22,6 +22,22 @@ class LineConfigError(ValueError):
     """A line name or config file that cannot be used, with the file and the reason."""
 
 
+class _AliasRefused(yaml.YAMLError):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases: a few lines of nested aliases (a "billion laughs" file) expand to a structure
+    that validating walks for hours; a line config has no use for them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not accepted "
+                                "in line configs; write the value out")
+        return super().compose_node(parent, index)
+
+
 def bundled_line_files() -> dict[str, Path]:
     """Configured line name → its YAML file, for the lines kept in the repo."""
     lines = Path(str(files(LINES_PACKAGE).joinpath("lines")))
@@ -42,7 +58,9 @@ def load_line(name_or_path: str | Path) -> LineConfig:
     if not path.is_file():
         raise LineConfigError(f"{path}: line config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_NoAliasLoader)
+    except _AliasRefused as refused:
+        raise LineConfigError(f"{path}: {refused}") from None
     except yaml.YAMLError as error:
         raise LineConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(raw, dict):

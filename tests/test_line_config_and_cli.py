@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from patchline.cli import app
+from patchline.models.config import ScheduleConfig
 from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
 from tests.conftest import png_claiming, without_root_override
 
@@ -41,6 +43,7 @@ def test_config_round_trips_through_yaml(tmp_path):
     ("- a list\n", "expected a mapping"),
     ("name: x\nsource: {kind: elpv}\noesdn: {augmentations: [hflip, vflip]}\n", "compose to a turn by 180°"),
     ("name: x\nsource: {kind: elpv}\noesdn: {image_size: 16, smoothing_sigma: 6}\n", "too wide for image_size 16"),
+    ("name: x\nsource: {kind: elpv}\nschedule: {cron: '0 0 2 * * *'}\n", "has 6 fields; a line's schedule takes exactly 5"),
 ])
 def test_invalid_config_files_name_the_file_and_the_problem(tmp_path, text, message):
     path = tmp_path / "line.yaml"
@@ -181,3 +184,36 @@ def test_an_unwritable_out_folder_is_named_before_any_work(tmp_path, mvtec_root)
                 f"error: --out: cannot write to {folder} (Permission denied); choose a folder you can write"], result.stderr
     finally:
         locked.chmod(0o755)
+
+
+def test_a_billion_laughs_config_is_refused_at_once_naming_the_line(tmp_path):
+    """Nine levels of ten aliases each: 10^9 strings once expanded."""
+    levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("name: x\nsource: {kind: elpv}\n" + "\n".join(levels) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(LineConfigError, match=r"bomb.yaml: line 4: YAML aliases \(\*a0\) are not accepted"):
+        load_line(path)
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("cron, zone", [("0 2 * * *", "UTC"), ("30 3 * * 1-5", "Europe/Berlin"),
+                                        ("0 */6 * * *", "America/New_York"), ("15 1 1 * *", "Asia/Tokyo"),
+                                        ("0 2 1 * 1", "UTC"), ("45 23 * * 0", "Australia/Sydney")])
+def test_the_schedule_the_config_accepts_is_the_one_prefect_runs(cron, zone):
+    """The next fire times of an accepted schedule, as patchline reads it (cronsim, `patchline status`) and as
+    Prefect's scheduler does, across both 2026 DST changes of Europe and America. They differ only for
+    local times that a DST change skips (02:30 on a spring-forward night: Prefect 01:30, cronsim 03:00),
+    which this table leaves out."""
+    from datetime import datetime, timezone
+    from zoneinfo import ZoneInfo
+
+    from cronsim import CronSim
+    from prefect.server.schemas.schedules import CronSchedule
+
+    config = ScheduleConfig(cron=cron, timezone=zone)
+    start = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    prefect = list(CronSchedule(cron=config.cron, timezone=config.timezone)._get_dates_generator(n=40, start=start))
+    ours = CronSim(config.cron, start.astimezone(ZoneInfo(config.timezone)))
+    assert [when.timestamp() for when in prefect] == [next(ours).timestamp() for _ in prefect]
