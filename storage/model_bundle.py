@@ -2,6 +2,7 @@
 
     config.yaml              the line config the detectors were built with
     calibration.json         normalisers, thresholds and the deciding detector
+    digests.json             the SHA-256 of every other file, checked on every load
     <detector files>         whatever each detector's `save` writes (models/detectors.py): PatchCore's
                              memory_bank.safetensors and backbone.pth, OE-SDN's autoencoder/sdn.safetensors
 
@@ -10,6 +11,9 @@ No file is a pickle of patchline objects: weights are safetensors or a weights-o
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,7 +25,12 @@ from patchline.models.line_detector import LineDetector
 from patchline.models.scoring.calibration import Calibration
 from patchline.storage.line_config import load_line, save_line
 
-CONFIG, CALIBRATION = "config.yaml", "calibration.json"
+CONFIG, CALIBRATION, DIGESTS = "config.yaml", "calibration.json", "digests.json"
+log = logging.getLogger(__name__)
+
+
+class BundleDamagedError(ValueError):
+    """A bundle file whose bytes differ from those recorded when it was packaged; the message names it."""
 
 
 def save_bundle(folder: Path, config: LineConfig, calibration: Calibration, detectors: Mapping[str, Detector]) -> Path:
@@ -34,6 +43,7 @@ def save_bundle(folder: Path, config: LineConfig, calibration: Calibration, dete
     (folder / CALIBRATION).write_text(calibration.to_json())
     for name in config.evaluation.detectors:
         detectors[name].save(folder)
+    (folder / DIGESTS).write_text(json.dumps(_digests(folder), indent=2, sort_keys=True))
     return folder
 
 
@@ -42,6 +52,39 @@ def load_bundle(folder: Path, device: torch.device | None = None) -> LineDetecto
     folder = Path(folder)
     if not (folder / CONFIG).is_file():
         raise ValueError(f"{folder}: not a patchline model bundle (no {CONFIG})")
+    check_bundle(folder)
     config = load_line(folder / CONFIG)
     calibration = Calibration.from_json((folder / CALIBRATION).read_text()) if (folder / CALIBRATION).is_file() else None
     return LineDetector(config, load_detectors(folder, config, device), calibration)
+
+
+def check_bundle(folder: Path) -> None:
+    """`BundleDamagedError` naming the first file that is missing or whose SHA-256 differs from the one
+    recorded at packaging. Bundles packaged before digests were recorded load with a warning."""
+    recorded_path = folder / DIGESTS
+    if not recorded_path.is_file():
+        log.warning("%s: no %s (packaged before bundles recorded digests); its files are not checked", folder, DIGESTS)
+        return
+    try:
+        recorded = json.loads(recorded_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleDamagedError(f"{recorded_path}: damaged or changed since it was logged ({error})") from None
+    actual = _digests(folder)
+    for name, digest in sorted(recorded.items()):
+        if name not in actual:
+            raise BundleDamagedError(f"{folder / name}: missing from the model bundle")
+        if actual[name] != digest:
+            raise BundleDamagedError(f"{folder / name}: damaged or changed since it was logged (SHA-256 "
+                                     f"{actual[name][:16]}…, logged {digest[:16]}…)")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != DIGESTS:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            found[str(path.relative_to(folder))] = digest.hexdigest()
+    return found

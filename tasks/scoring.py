@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from patchline.storage.image_files import BadImageError, decode_image, folder_entries
+from patchline.storage.model_bundle import BundleDamagedError
 from patchline.storage.plots import save_heatmap_overlay
 from patchline.storage.registry import champion_version, registered_model_name
 from patchline.storage.tracking import configure_mlflow
@@ -81,7 +82,10 @@ def load_champion_task(line: str) -> ChampionModel:
     version = champion_version(configure_mlflow(), line)
     if version is None:
         raise ValueError(f"line {line} has no champion model yet; run `patchline rebuild {line}` first")
-    model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(line)}/{version.version}")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(line)}/{version.version}")
+    except BundleDamagedError as error:
+        raise BundleDamagedError(f"line {line} v{version.version}: {error}") from None
     return ChampionModel(str(version.version), model, model.unwrap_python_model().runtime)
 
 

@@ -331,3 +331,29 @@ def test_status_names_a_schedule_that_did_not_run(first_rebuild):
     assert later.missed is not None and later.missed.hour == 2 and str(later.missed.tzinfo) == "Europe/Berlin"
     row = later.row(now + timedelta(days=3))
     assert row["missed schedule"].endswith("02:00+01:00") and row["last rebuild"].endswith(" ago)")
+
+
+def test_a_damaged_bundle_file_is_refused_naming_it(first_rebuild, tmp_path):
+    """The sign bit of every float of the champion's memory bank flipped (issue 35's probe): before, the
+    model loaded and scored good cells as defective; now loading names the file."""
+    import shutil
+    import struct
+
+    from patchline.storage.model_bundle import BundleDamagedError, load_bundle
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model_name(LINE)}/1",
+                                                     dst_path=str(tmp_path / "model")))
+    bundle = next(local.rglob("memory_bank.safetensors")).parent
+    load_bundle(bundle)  # as logged: loads
+    damaged = shutil.copytree(bundle, tmp_path / "damaged")
+    bank = damaged / "memory_bank.safetensors"
+    raw = bytearray(bank.read_bytes())
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    raw[start + 3::4] = bytes(b ^ 0x80 for b in raw[start + 3::4])
+    bank.write_bytes(bytes(raw))
+    with pytest.raises(BundleDamagedError, match=r"memory_bank.safetensors: damaged or changed since it was logged"):
+        load_bundle(damaged)
+    (damaged / "calibration.json").unlink()
+    shutil.copy(bundle / "memory_bank.safetensors", bank)
+    with pytest.raises(BundleDamagedError, match=r"calibration.json: missing from the model bundle"):
+        load_bundle(damaged)
