@@ -277,7 +277,8 @@ class ScheduleConfig(_Strict):
 
 
 class LineConfig(_Strict):
-    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
+    # The name becomes file names (locks, stores, work folders) and MLflow names: short enough for all of them.
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)]
     description: str = ""
     source: ElpvSource | MvtecSource = Field(discriminator="kind")
     # "fail" stops ingest at the first bad file; "skip" records it in the manifest report and goes on.

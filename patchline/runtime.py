@@ -45,9 +45,14 @@ class ExportedLine:
         folder = Path(folder)
         if not (folder / METADATA).is_file():
             raise ValueError(f"{folder}: not an exported patchline line (no {METADATA})")
-        self.metadata = json.loads((folder / METADATA).read_text())
-        if self.metadata.get("format") != FORMAT:
-            raise ValueError(f"{folder / METADATA}: format {self.metadata.get('format')!r}, expected {FORMAT!r}")
+        try:
+            self.metadata = json.loads((folder / METADATA).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{folder / METADATA}: not valid JSON ({error}); the export is damaged, export the "
+                             "version again") from None
+        if not isinstance(self.metadata, dict) or self.metadata.get("format") != FORMAT:
+            found = self.metadata.get("format") if isinstance(self.metadata, dict) else type(self.metadata).__name__
+            raise ValueError(f"{folder / METADATA}: format {found!r}, expected {FORMAT!r}")
         model_format = self.metadata["model_format"]
         missing = [name for name in MODEL_FILES[model_format] if not (folder / name).is_file()]
         if missing:

@@ -205,3 +205,14 @@ def test_the_scoring_benchmark_runs_on_a_rebuilt_line(rebuilt, home, tmp_path):
     assert list(values) == ["torch_img_s", "onnx_img_s", "openvino_img_s", "max_rel_diff", "auroc_torch", "auroc_export"]
     assert all(float(values[key]) > 0 for key in ("torch_img_s", "onnx_img_s", "openvino_img_s"))
     assert float(values["max_rel_diff"]) <= 1e-4 and values["auroc_torch"] == values["auroc_export"]
+
+
+def test_a_truncated_line_json_is_named_not_a_bare_json_error(tmp_path):
+    from patchline.runtime import METADATA, ExportedLine
+
+    (tmp_path / METADATA).write_text('{"format": "patchline-exp')
+    with pytest.raises(ValueError, match=r"line.json: not valid JSON .*the export is damaged"):
+        ExportedLine(tmp_path)
+    (tmp_path / METADATA).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"line.json: format 'list', expected"):
+        ExportedLine(tmp_path)

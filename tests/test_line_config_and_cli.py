@@ -44,6 +44,7 @@ def test_config_round_trips_through_yaml(tmp_path):
     ("name: x\nsource: {kind: elpv}\noesdn: {augmentations: [hflip, vflip]}\n", "compose to a turn by 180°"),
     ("name: x\nsource: {kind: elpv}\noesdn: {image_size: 16, smoothing_sigma: 6}\n", "too wide for image_size 16"),
     ("name: x\nsource: {kind: elpv}\nschedule: {cron: '0 0 2 * * *'}\n", "has 6 fields; a line's schedule takes exactly 5"),
+    ("name: " + "a" * 300 + "\nsource: {kind: elpv}\n", "String should have at most 64 characters"),
 ])
 def test_invalid_config_files_name_the_file_and_the_problem(tmp_path, text, message):
     path = tmp_path / "line.yaml"
