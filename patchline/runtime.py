@@ -16,6 +16,7 @@ its parity and speed; `ExportedLine` takes the fastest one that passed and is in
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -27,7 +28,9 @@ import numpy as np
 from patchline.models.image_arrays import colour_channels
 from patchline.models.scoring.unit_scale import detector_unit_scores
 
-FORMAT = "patchline-export/2"
+FORMAT = "patchline-export/3"
+# Exports from before line.json carried digests still load, unchecked.
+_UNCHECKED_FORMAT = "patchline-export/2"
 METADATA = "line.json"
 # The graph's files in each export format, and the runtimes that can run that format.
 MODEL_FILES = {"onnx": ["model.onnx"], "openvino": ["model.xml", "model.bin"]}
@@ -50,13 +53,15 @@ class ExportedLine:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{folder / METADATA}: not valid JSON ({error}); the export is damaged, export the "
                              "version again") from None
-        if not isinstance(self.metadata, dict) or self.metadata.get("format") != FORMAT:
+        if not isinstance(self.metadata, dict) or self.metadata.get("format") not in (FORMAT, _UNCHECKED_FORMAT):
             found = self.metadata.get("format") if isinstance(self.metadata, dict) else type(self.metadata).__name__
             raise ValueError(f"{folder / METADATA}: format {found!r}, expected {FORMAT!r}")
         model_format = self.metadata["model_format"]
         missing = [name for name in MODEL_FILES[model_format] if not (folder / name).is_file()]
         if missing:
             raise ValueError(f"{folder}: the {model_format} export lacks {', '.join(missing)}")
+        if self.metadata["format"] == FORMAT:
+            _check_digests(folder, self.metadata)
         if runtime is not None and runtime not in FORMAT_RUNTIMES[model_format]:
             raise ValueError(f"{folder}: the {model_format} export runs on {' or '.join(FORMAT_RUNTIMES[model_format])}, "
                              f"not {runtime!r}")
@@ -138,3 +143,28 @@ def _openvino_session(model: Path, threads: int | None) -> Session:
     compiled = openvino.Core().compile_model(str(model), "CPU", config)
     request = compiled.create_infer_request()
     return lambda pixels: [np.array(value) for value in request.infer({0: pixels}).values()]
+
+
+def metadata_digest(metadata: dict) -> str:
+    """SHA-256 of line.json's content without its own `digest` entry (keys sorted), which line.json records."""
+    body = {key: value for key, value in metadata.items() if key != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_digests(folder: Path, metadata: dict) -> None:
+    """An export whose line.json or model files changed after it was written is refused, naming the file:
+    line.json binds the thresholds and the deciding detector to the graph they were checked with."""
+    if metadata.get("digest") != metadata_digest(metadata):
+        raise ValueError(f"{folder / METADATA}: changed since it was exported (its content does not match its "
+                         "digest); export the version again")
+    for name, digest in metadata["model_digests"].items():
+        if file_digest(folder / name) != digest:
+            raise ValueError(f"{folder / name}: damaged or changed since it was exported; export the version again")

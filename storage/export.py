@@ -24,7 +24,9 @@ from patchline.models.line_detector import LineDetector
 from patchline.models.scoring.calibration import FUSED
 from patchline.models.scoring.detection import Detections
 from patchline.models.scoring.metrics import fuse_scores
-from patchline.runtime import FORMAT, FORMAT_RUNTIMES, METADATA, MODEL_FILES, ExportedLine, installed, passed_runtimes
+from patchline.runtime import (
+    FORMAT, FORMAT_RUNTIMES, METADATA, MODEL_FILES, ExportedLine, file_digest, installed, metadata_digest,
+    passed_runtimes)
 from patchline.storage.model_bundle import CONFIG, load_bundle
 from patchline.storage.registry import champion_version, registered_model_name
 
@@ -96,9 +98,10 @@ def export_bundle(bundle: Path, out: Path, version: str | None = None,
             _onnx_to_openvino(staged)
         metadata = {"format": FORMAT, "model_format": model_format, "line": detector.config.name, "version": version,
                     "image_size": detector.config.image_size, "outputs": outputs,
+                    "model_digests": {name: file_digest(staged / name) for name in MODEL_FILES[model_format]},
                     **json.loads(detector.calibration.to_json())}
         # Written now for the runtimes' `ExportedLine`s, and again below with what they measured.
-        (staged / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        _write_metadata(staged, metadata)
         expected = detector.score(images)
         torch_img_s = len(images) / _best_seconds(lambda: detector.score(images))
         metadata["torch_img_s"] = torch_img_s
@@ -106,11 +109,17 @@ def export_bundle(bundle: Path, out: Path, version: str | None = None,
                                 for runtime in runtimes}
         if not passed_runtimes(metadata):
             raise ExportError("; ".join(f"{runtime}: {found['error']}" for runtime, found in metadata["runtimes"].items()))
-        (staged / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        _write_metadata(staged, metadata)
         out.mkdir(parents=True, exist_ok=True)
         for path in staged.iterdir():
             shutil.move(str(path), out / path.name)
     return Export(out, version, model_format, metadata["runtimes"], torch_img_s)
+
+
+def _write_metadata(folder: Path, metadata: dict) -> None:
+    """line.json with its own digest, which `ExportedLine` checks."""
+    (folder / METADATA).write_text(json.dumps({**metadata, "digest": metadata_digest(metadata)}, indent=2,
+                                              sort_keys=True))
 
 
 def runtime_summary(runtime: str, found: dict) -> str:

@@ -120,6 +120,21 @@ def test_export_names_what_it_cannot_do(rebuilt, tmp_path):
     assert result.exit_code == 0, result.output
     with pytest.raises(ValueError, match="the openvino export runs on openvino, not 'onnxruntime'"):
         ExportedLine(tmp_path / "ir", runtime="onnxruntime")
+    # Edited after the export (issue 35's probe): a threshold ×10 would decide every image good.
+    metadata_path = tmp_path / "ir" / "line.json"
+    original = metadata_path.read_text()
+    edited = json.loads(original)
+    edited["thresholds"] = {name: 10 * value for name, value in edited["thresholds"].items()}
+    metadata_path.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=r"line.json: changed since it was exported"):
+        ExportedLine(tmp_path / "ir")
+    metadata_path.write_text(original)
+    weights = tmp_path / "ir" / "model.bin"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:len(raw) // 2 + 64])
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"model.bin: damaged or changed since it was exported"):
+        ExportedLine(tmp_path / "ir")
     (tmp_path / "ir" / "model.bin").unlink()
     with pytest.raises(ValueError, match="the openvino export lacks model.bin"):
         ExportedLine(tmp_path / "ir")
