@@ -44,6 +44,13 @@ WRITER_LOCK, COMMITTED_BLOCKS = "writer.lock", "committed_blocks"
 # A block (one chunk) of about this size keeps reads efficient and a writer's memory small.
 _BLOCK_BYTES = 32 * 2**20
 _COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+# A CRC-32C of each compressed chunk, checked on every read: flipped bytes in a chunk otherwise decode to
+# other features, silently (stores written before it have none, and are read unchecked).
+_CHECKSUM = zarr.codecs.Crc32cCodec()
+
+
+class FeatureStoreDamagedError(ValueError):
+    """A chunk of stored features failed its checksum; the message names the store and the images."""
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -208,7 +215,16 @@ class FeatureStore:
         for block in np.unique(blocks):
             wanted = np.flatnonzero(blocks == block)
             start = int(block) * block_images
-            data = array[start:start + self._blocks[block]]
+            try:
+                data = array[start:start + self._blocks[block]]
+            except ValueError as error:
+                if "checksum" not in str(error):
+                    raise
+                last = start + self._blocks[block] - 1
+                raise FeatureStoreDamagedError(
+                    f"{self._group.store}/{self._group.path}: the chunk of stored images {start}..{last} (e.g. id "
+                    f"{self._order[start]!r}) failed its checksum: damaged on disk. Delete that folder; the next "
+                    "rebuild extracts the features again") from None
             out[wanted] = data[positions[wanted] - start]
         return out
 
@@ -254,7 +270,7 @@ class FeatureStore:
         patches, dim = patch_shape
         block = self._requested_block or max(1, _BLOCK_BYTES // (patches * dim * 4))
         features = self._group.create_array("features", shape=(0, patches, dim), chunks=(block, patches, dim),
-                                            dtype="float32", compressors=_COMPRESSOR, fill_value=0.0,
+                                            dtype="float32", compressors=(_COMPRESSOR, _CHECKSUM), fill_value=0.0,
                                             overwrite=True)
         ids = self._group.create_array("ids", shape=(0,), chunks=(block,), dtype=str, overwrite=True)
         rows = self._group.create_array("rows", shape=(0,), chunks=(1,), dtype="int32", fill_value=0)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import zarr
 
-from patchline.storage.feature_store import FeatureStore, config_hash, data_fingerprint, feature_key
+from patchline.storage.feature_store import (
+    FeatureStore, FeatureStoreDamagedError, config_hash, data_fingerprint, feature_key)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"backbone": "efficientnet-lite0", "layers": [4, 10], "image_size": 256}
@@ -49,6 +50,22 @@ def test_round_trip_in_any_order_and_through_dask(tmp_path: Path) -> None:
     np.testing.assert_array_equal(table.compute(), batch(IDS))
     subset = [IDS[9], IDS[2], IDS[3], IDS[4]]
     np.testing.assert_array_equal(reopened.as_dask_array(subset).compute(), batch(subset))
+
+
+def test_a_damaged_chunk_is_refused_naming_the_store_and_its_images(tmp_path: Path) -> None:
+    """64 bytes flipped in a committed chunk (issue 35's probe) decoded to other features before."""
+    store = FeatureStore.open(tmp_path, "line-a", CONFIG, block_images=4)
+    store.write_batch(IDS[:8], batch(IDS[:8]))
+    chunks = sorted(path for path in (tmp_path / "line-a" / config_hash(CONFIG) / "features" / "c").rglob("*")
+                    if path.is_file())
+    raw = bytearray(chunks[1].read_bytes())
+    raw[20:84] = bytes(b ^ 0xFF for b in raw[20:84])
+    chunks[1].write_bytes(bytes(raw))
+    reopened = FeatureStore.open(tmp_path, "line-a", CONFIG, read_only=True)
+    np.testing.assert_array_equal(reopened.read(IDS[:4]), batch(IDS[:4]))  # the other chunk reads as before
+    with pytest.raises(FeatureStoreDamagedError, match=r"line-a/.*: the chunk of stored images 4..7 \(e.g. id "
+                                                       r"'img0004'\) failed its checksum"):
+        reopened.read([IDS[5]])
 
 
 def test_second_write_of_the_same_ids_writes_nothing(tmp_path: Path) -> None:
