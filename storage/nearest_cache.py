@@ -5,14 +5,16 @@ image's distance to its nearest row of the grown bank is the smaller of its cach
 champion's bank and its distance to the added rows: scoring measures the added rows only.
 
 Layout: `<root>/<line>/nearest/<bank digest>.safetensors`, a tensor `distances` (images, patches) and the
-image ids in its metadata. Files are written whole and renamed into place, so a killed writer leaves
-none half written; the most recent `KEEP` per line are kept.
+image ids and a SHA-256 of both in its metadata. Files are written whole and renamed into place, so a
+killed writer leaves none half written; the most recent `KEEP` per line are kept. A file whose digest does
+not match (damaged on disk, or written before digests) is not used: its distances are measured again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -22,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 KEEP = 4
+log = logging.getLogger(__name__)
 
 
 def bank_digest(features: np.ndarray) -> str:
@@ -43,11 +46,15 @@ class NearestCache:
         path = self.folder / f"{digest}.safetensors"
         try:
             with safe_open(str(path), framework="np") as file:
-                ids = json.loads((file.metadata() or {})["ids"])
+                metadata = file.metadata() or {}
+                ids, recorded = json.loads(metadata["ids"]), metadata.get("sha256")
                 distances = file.get_tensor("distances")
         except (OSError, SafetensorError, KeyError, ValueError):
             return {}
-        return dict(zip(ids, distances)) if len(ids) == len(distances) else {}
+        if recorded != _content_digest(metadata["ids"], distances) or len(ids) != len(distances):
+            log.warning("%s: damaged or written before it carried a digest; its distances are measured again", path)
+            return {}
+        return dict(zip(ids, distances))
 
     def save(self, digest: str, distances: dict[str, np.ndarray]) -> None:
         """Add `distances` (image id → patch distances) to what is kept for the bank `digest`."""
@@ -59,8 +66,10 @@ class NearestCache:
         handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=".writing-", suffix=".safetensors")
         os.close(handle)
         try:
-            save_file({"distances": np.stack([merged[i] for i in ids]).astype(np.float32)}, temporary,
-                      metadata={"ids": json.dumps(ids)})
+            distances = np.stack([merged[i] for i in ids]).astype(np.float32)
+            listed = json.dumps(ids)
+            save_file({"distances": distances}, temporary,
+                      metadata={"ids": listed, "sha256": _content_digest(listed, distances)})
             os.replace(temporary, self.folder / f"{digest}.safetensors")
         finally:
             Path(temporary).unlink(missing_ok=True)
@@ -69,3 +78,9 @@ class NearestCache:
         debris = [p for p in self.folder.glob(".writing-*")]
         for old in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)[KEEP:] + debris:
             old.unlink(missing_ok=True)
+
+
+def _content_digest(ids: str, distances: np.ndarray) -> str:
+    digest = hashlib.sha256(ids.encode())
+    digest.update(np.ascontiguousarray(distances, dtype=np.float32).tobytes())
+    return digest.hexdigest()

@@ -100,6 +100,12 @@ def test_the_nearest_cache_merges_prunes_and_ignores_broken_files(tmp_path: Path
     cache.save("bank0", {"a": np.zeros(4, np.float32)})
     cache.save("bank0", {"b": np.ones(4, np.float32)})
     assert sorted(cache.load("bank0")) == ["a", "b"]
+    # Well-formed but changed on disk (issue 35's probe): not used, so the distances are measured again.
+    raw = bytearray((tmp_path / "bank0.safetensors").read_bytes())
+    raw[-4:] = bytes(b ^ 0xFF for b in raw[-4:])
+    (tmp_path / "damaged.safetensors").write_bytes(bytes(raw))
+    assert cache.load("damaged") == {}
+    (tmp_path / "damaged.safetensors").unlink()
     (tmp_path / "broken.safetensors").write_bytes(b"not a file of distances")
     assert cache.load("broken") == {}
     (tmp_path / ".writing-killed.safetensors").write_bytes(b"half")
