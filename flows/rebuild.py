@@ -68,7 +68,8 @@ def rebuild_product_line(config: LineConfig, wait: bool = True, force: bool = Fa
             name_run_task(run, said)
         except BaseException as error:
             # The run says why it failed; the registry was never touched, so `champion` stays where it was.
-            name_run_task(run, outcomes.failed(config.name, error))
+            # Naming it is best effort (its state, not an exception): marking it FAILED is what must happen.
+            name_run_task(run, outcomes.failed(config.name, error), return_state=True)
             finish_run_task(run, f"{type(error).__name__}: {error}")
             raise
         finish_run_task(run)
