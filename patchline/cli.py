@@ -55,6 +55,11 @@ def _load(line: str) -> LineConfig:
         raise  # unreachable; keeps type checkers content
 
 
+def _load_all(lines: list[str] | None) -> list[LineConfig]:
+    """The given lines (names or config files), or every bundled line."""
+    return [_load(line) for line in lines or [str(path) for path in bundled_line_files().values()]]
+
+
 class _RunMessagesOnly(logging.Filter):
     """The console without -v: patchline's own lines and every warning, not third-party INFO chatter."""
 
@@ -120,7 +125,7 @@ def lines_command(
     from patchline.storage.registry import PROMOTED_AT_TAG, champion_version
     from patchline.storage.tracking import configure_mlflow
 
-    configs = [_load(line) for line in lines or [str(path) for path in bundled_line_files().values()]]
+    configs = _load_all(lines)
     client = configure_mlflow()
     for config in configs:
         name = config.name
@@ -270,7 +275,7 @@ FullOption = Annotated[bool, typer.Option(
          "and warm-start its networks).")]
 
 
-def _print_screening(line: str, screening) -> None:
+def _print_screening(line_arg: str, screening) -> None:
     if screening.screened or screening.accepted:
         typer.echo(f"  screen: {screening.note}")
     for item in screening.quarantined:
@@ -283,13 +288,14 @@ def _print_screening(line: str, screening) -> None:
         for path, score in screening.unlike.images:
             typer.echo(f"    {path}: {score:.4f}")
     if screening.quarantined:
-        typer.echo(f"  a reviewer who finds one good passes it with: patchline accept {line} PATH --reason '...'")
+        typer.echo(f"  a reviewer who finds one good passes it with: patchline accept {line_arg} PATH --reason '...'")
 
 
-def _print_rebuild(result: dict) -> None:
+def _print_rebuild(result: dict, line_arg: str) -> None:
+    """`line_arg`: how the user named the line (a name or a config file), for the commands it suggests."""
     if result["skipped"]:
         typer.echo(f"{result['line']}: {result['reason']}")
-        _print_screening(result["line"], result["screening"])
+        _print_screening(line_arg, result["screening"])
         return
     typer.echo(f"{result['line']}: image AUROC " + ", ".join(
         f"{name} {value:.4f}" for name, value in result["image_auroc"].items()))
@@ -297,7 +303,7 @@ def _print_rebuild(result: dict) -> None:
     typer.echo(f"  version {result['version']} {verdict}: {result['reason']}")
     typer.echo(f"  decisions by: {result['decision_detector']} ({result['decision_reason']}); "
                f"MLflow run {result['run_id']}")
-    _print_screening(result["line"], result["screening"])
+    _print_screening(line_arg, result["screening"])
     for part, note in result["reuse"].items():
         typer.echo(f"  {part}: {note}")
 
@@ -318,7 +324,7 @@ def rebuild_command(
         state = rebuild_product_line(config, wait, force, full, return_state=True)
     if not state.is_completed():
         _fail(RuntimeError(f"rebuild of {config.name} failed: {state.message}"))
-    _print_rebuild(state.result())
+    _print_rebuild(state.result(), line)
 
 
 @app.command("nightly")
@@ -334,8 +340,14 @@ def nightly_command(
         state = nightly(lines or None, force, full, return_state=True)
     summary = state.result(raise_on_failure=False)
     summary = summary if isinstance(summary, dict) else {}
-    for result in summary.get("rebuilt", {}).values():
-        _print_rebuild(result)
+    given = {}
+    for arg in lines or []:
+        try:
+            given[load_line(arg).name] = arg
+        except LineConfigError:
+            pass  # the nightly reports it as failed
+    for name, result in summary.get("rebuilt", {}).items():
+        _print_rebuild(result, given.get(name, name))
     for name, reason in summary.get("failed", {}).items():
         typer.secho(f"{name}: FAILED: {reason}", fg=typer.colors.RED, err=True)
     typer.echo("Look at the runs with: .venv/bin/patchline ui   (Prefect UI and MLflow UI)")
@@ -475,7 +487,7 @@ def status_command(
     from patchline.storage.fleet import line_status
     from patchline.storage.tracking import configure_mlflow
 
-    configs = [_load(line) for line in lines or [str(path) for path in bundled_line_files().values()]]
+    configs = _load_all(lines)
     client = configure_mlflow()
     now = datetime.now(timezone.utc)
     for config in configs:

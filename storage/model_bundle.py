@@ -11,7 +11,6 @@ No file is a pickle of patchline objects: weights are safetensors or a weights-o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from patchline.models.config import LineConfig
 from patchline.models.detectors import Detector, load_detectors
 from patchline.models.line_detector import LineDetector
 from patchline.models.scoring.calibration import Calibration
+from patchline.runtime import file_digest
 from patchline.storage.line_config import load_line, save_line
 
 CONFIG, CALIBRATION, DIGESTS = "config.yaml", "calibration.json", "digests.json"
@@ -79,12 +79,5 @@ def check_bundle(folder: Path) -> None:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != DIGESTS:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            found[str(path.relative_to(folder))] = digest.hexdigest()
-    return found
+    return {str(path.relative_to(folder)): file_digest(path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != DIGESTS}

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from patchline.models.scoring.metrics import image_auroc, roc_curve_points
+from patchline.models.scoring.metrics import error_rates_at_threshold, image_auroc, roc_curve_points
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.pixels import read_mask, read_pixels
 
@@ -79,24 +79,21 @@ def write_review_page(path: Path, title: str, verdict: str, rows: Sequence[Manif
 _STYLE = ("body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse}"
           "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}th:first-child,td:first-child"
           "{text-align:left}.verdict{font-size:1.1em}.cards{display:flex;flex-wrap:wrap;gap:.8em}"
-          ".card{width:220px;font-size:.8em;word-break:break-all}.card img{width:220px}.bad{color:#b00}")
+          ".card{width:220px;font-size:.8em;overflow-wrap:anywhere}.card img{width:220px}.bad{color:#b00}")
 
 
 def _metrics_table(models: list[ModelScores], known: np.ndarray, anomalous: np.ndarray) -> str:
     head = "".join(f"<th>{html.escape(model.name)}</th>" for model in models)
+    rates = {m.name: error_rates_at_threshold(m.scores[known], anomalous[known], m.threshold) for m in models}
     lines = []
     for label, measure in (
             ("image AUROC", lambda m: f"{image_auroc(m.scores[known], anomalous[known]):.4f}"),
-            ("miss rate at its threshold", lambda m: f"{_share(~m.flags[known & anomalous]):.4f}"),
-            ("false-positive rate at its threshold", lambda m: f"{_share(m.flags[known & ~anomalous]):.4f}"),
+            ("miss rate at its threshold", lambda m: f"{rates[m.name][1]:.4f}"),
+            ("false-positive rate at its threshold", lambda m: f"{rates[m.name][0]:.4f}"),
             ("threshold", lambda m: f"{m.threshold:.4f}")):
         lines.append(f"<tr><td>{label}</td>" + "".join(f"<td>{measure(model)}</td>" for model in models) + "</tr>")
     return (f"<p>{int(known.sum())} test images: {int((known & ~anomalous).sum())} good, "
             f"{int(anomalous.sum())} defective.</p><table><tr><th></th>{head}</tr>{''.join(lines)}</table>")
-
-
-def _share(flags: np.ndarray) -> float:
-    return float(flags.mean()) if len(flags) else 0.0
 
 
 def _section(heading: str, indices: np.ndarray, rows: Sequence[ManifestRow], models: list[ModelScores],

@@ -115,8 +115,9 @@ def screen_training_images_task(config: LineConfig, run_id: str, work_dir: Path,
     log = get_run_logger()
     log.info("%s: screen: %s", config.name, screening.note)
     if quarantined:
-        for item in quarantined:
-            log.warning("%s: quarantined %s: %s", config.name, item.path, _reason(item, version))
+        for row in unseen:
+            if row.id in reasons:
+                log.warning("%s: quarantined %s: %s", config.name, row.source, reasons[row.id])
         _write_table(quarantined, folder / "quarantined.csv")
         client.log_artifacts(run_id, str(folder), SCREENING_ARTIFACTS)
         data = LineData(data.manifest.without(set(reasons), reasons), [r for r in data.fit if r.id not in reasons],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import tempfile
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from patchline.models.config import LineConfig
 from patchline.models.patchcore.memory_bank import MemoryBank
-from patchline.models.scoring.metrics import image_auroc
+from patchline.models.scoring.metrics import error_rates_at_threshold, image_auroc
 from patchline.storage.line_config import save_line
 from patchline.storage.manifest import Manifest
 from patchline.storage.nearest_cache import bank_digest
@@ -33,8 +33,8 @@ from patchline.storage.registry import (
     register_version, registered_model_name)
 from patchline.storage.tracking import (
     DATA_FINGERPRINT_TAG, DECISION_DETECTOR_TAG, DECISION_REASON_TAG, MODEL_CONFIG_TAG, MODEL_TRAINING_VIEW,
-    TEST_FINGERPRINT_TAG, config_params,
-    configure_mlflow, ensure_tracking_reachable, line_experiment_id, model_config_fingerprint)
+    TEST_FINGERPRINT_TAG, config_params, configure_mlflow, ensure_tracking_reachable, line_experiment_id,
+    model_config_fingerprint)
 from patchline.tasks.evaluate import Evaluation
 from patchline.tasks.incremental import write_fit_ids
 from patchline.tasks.ingest import LineData
@@ -305,21 +305,16 @@ def _champion_evidence(client, config: LineConfig, champion, data: LineData,
     elif metric == "image_auroc":
         scores = _rescored(champion, run.data.tags.get(DECISION_DETECTOR_TAG, "?"), data)
         known = ~np.isnan(scores.scores)
-        is_anomaly = np.array([row.label == "anomaly" for row in data.test])
-        flags = scores.scores >= scores.threshold
-        value = image_auroc(scores.scores[known], is_anomaly[known])
-        point = OperatingPoint(_share(~flags[known & is_anomaly]), _share(flags[known & ~is_anomaly]),
-                               threshold if same else None, spread)
+        is_anomaly = np.array([row.label == "anomaly" for row in data.test])[known]
+        value = image_auroc(scores.scores[known], is_anomaly)
+        fpr, miss_rate = error_rates_at_threshold(scores.scores[known], is_anomaly, scores.threshold)
+        point = OperatingPoint(miss_rate, fpr, threshold if same else None, spread)
     else:
         raise ValueError(f"the champion was evaluated on another test set and only image_auroc can be "
                          f"re-scored here, not {metric!r}")
     return dataclasses.replace(evidence, champion=str(champion.version), champion_value=value,
                                champion_detectors=detectors, floor=gate_floor(client, config.name, metric, fingerprint),
                                champion_point=point), scores
-
-
-def _share(flags: np.ndarray) -> float:
-    return float(flags.mean()) if len(flags) else 0.0
 
 
 def _logged_scores(run, champion, data: LineData) -> ChampionScores | None:
