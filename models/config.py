@@ -100,11 +100,13 @@ class OeSdnConfig(_Strict):
     sdn_base_width: int = Field(32, ge=4)
     # Stride-2 stages of the SDN's U-Net; more stages widen what each output pixel sees (models/sdn.py).
     sdn_depth: int = Field(2, ge=1, le=5)
-    # Caps: training stops earlier when the validation loss stops improving (`patience`), or when one
-    # network has trained for `max_train_seconds` of wall-clock time.
+    # The training budget, in epochs: training stops earlier when the validation loss stops improving
+    # (`patience`), so the same images, config and seed give the same weights on any machine load.
     epochs: int = Field(100, ge=1)
     sdn_epochs: int = Field(100, ge=1)
-    max_train_seconds: float = Field(600.0, gt=0)
+    # A guard, not a budget: a network still training after this many seconds fails the rebuild
+    # (models/oesdn/training.py) instead of keeping weights that depend on the machine's load. None = no guard.
+    max_train_seconds: float | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     oe_lambda: float = Field(0.5, ge=0, le=1)

@@ -43,11 +43,9 @@ def _start(config: LineConfig, reuse: Reuse | None, rows: list[ManifestRow], det
     if fitted is None:
         return _Start(rows, config.oesdn, None, f"trained from scratch on {len(rows)} fit images")
     replayed = reuse.replayed(config.oesdn.seed)
-    # The time cap is a budget for the line's images; an update's share of it is its share of the images.
-    cap = config.oesdn.max_train_seconds * len(replayed) / len(rows)
-    return _Start(replayed, config.oesdn.model_copy(update={"max_train_seconds": cap}), getattr(fitted, part),
+    return _Start(replayed, config.oesdn, getattr(fitted, part),
                   f"warm-started from champion v{reuse.version} on its {len(reuse.new_fit)} new fit images and "
-                  f"{len(replayed) - len(reuse.new_fit)} replayed old ones, time cap {cap:.0f} s")
+                  f"{len(replayed) - len(reuse.new_fit)} replayed old ones")
 
 
 @task(name="train-autoencoder", cache_policy=NO_CACHE)

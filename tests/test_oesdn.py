@@ -14,7 +14,7 @@ from patchline.models.oesdn.checkpoint import load_autoencoder, load_sdn, save_n
 from patchline.models.oesdn.scoring import image_scores, score_autoencoder, score_oesdn
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
 from patchline.models.oesdn.ssim import dssim, dssim_mse, ssim_map
-from patchline.models.oesdn.training import rotate_batch, train_autoencoder, train_sdn
+from patchline.models.oesdn.training import TrainingOverrunError, rotate_batch, train_autoencoder, train_sdn
 from patchline.storage.sources.elpv import elpv_arrays
 
 SIZE = 64
@@ -190,11 +190,11 @@ def test_early_stopping_triggers_and_keeps_the_best_epoch(cells: tuple) -> None:
     assert len(losses) == last_improved + 1 + config.patience
 
 
-def test_the_wall_clock_cap_stops_training_after_one_epoch(cells: tuple) -> None:
+def test_the_wall_clock_guard_fails_training_instead_of_stopping_it(cells: tuple) -> None:
     train, _ = cells
     config = CONFIG.model_copy(update={"epochs": 50, "max_train_seconds": 1e-3})
-    _, history = train_autoencoder(train, config, torch.device("cpu"))
-    assert len(history["train_loss"]) == 1
+    with pytest.raises(TrainingOverrunError, match=r"autoencoder: .*guard of 0.001 s .* after 1 of at most 50 epochs"):
+        train_autoencoder(train, config, torch.device("cpu"))
 
 
 def test_augmentations_that_compose_to_an_outlier_turn_are_rejected() -> None:

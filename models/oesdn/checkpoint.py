@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import nn
 
 from patchline.models.images import pick_device
 from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
+from patchline.models.tensor_files import write_tensor_file
 
 _KINDS: dict[str, type[nn.Module]] = {"autoencoder": ConvAutoencoder, "sdn": StyleDistillationNetwork}
 
@@ -28,8 +29,8 @@ def save_network(model: ConvAutoencoder | StyleDistillationNetwork, path: Path) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"kind": kind, "hyperparameters": json.dumps(model.hyperparameters)})
-    return path
+    return write_tensor_file(path, save(tensors, metadata={"kind": kind,
+                                                            "hyperparameters": json.dumps(model.hyperparameters)}))
 
 
 def load_autoencoder(path: Path, device: torch.device | None = None) -> ConvAutoencoder:

@@ -3,8 +3,11 @@
 Stage 1 minimises d(x, AE(x)); stage 2 minimises J = (1 − λ)·d(SDN(x), AE(x)) + λ·d(x_rot, SDN(x_rot)),
 with d = DSSIM + MSE and x_rot each image turned by 90°, 180° or 270°. λ = 0 gives the plain SDN baseline.
 Both stages hold out a slice of the good images and stop when its loss has not improved by
-`min_improvement` for `patience` epochs, at the epoch cap, or at `max_train_seconds`, whichever comes
-first, and keep the best epoch's weights.
+`min_improvement` for `patience` epochs or at the epoch cap, whichever comes first, and keep the best
+epoch's weights: what a network learns is a function of the images, the config and the seed, never of
+how busy the machine was. `max_train_seconds`, when set, is a guard, not a budget: training that
+passes it fails (`TrainingOverrunError`) rather than keeping weights that a quieter machine would
+have trained further.
 
 What was measured to matter (benchmarks/README.md, section OE-SDN):
 - Training to convergence and no flips, changed together: on ELPV mono cells OE-SDN went from 0.027
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -40,6 +45,10 @@ logger = logging.getLogger(__name__)
 History = dict[str, list[float]]
 # The loss of one batch: named parts, "loss" being the one to minimise.
 BatchLoss = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+
+
+class TrainingOverrunError(RuntimeError):
+    """A network's training passed the line's `oesdn.max_train_seconds` guard; the message says how far it got."""
 
 
 def rotate_batch(batch: torch.Tensor, generator: torch.Generator,
@@ -64,8 +73,7 @@ def train_autoencoder(images: Sequence[np.ndarray], config: OeSdnConfig, device:
 
     `start` warm-starts from a trained autoencoder's weights (left as they are) instead of a seeded init."""
     device = device or pick_device()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with _seeded(config.seed):
         model = ConvAutoencoder(config.channels, config.ae_base_width, config.ae_latent_dim, config.image_size)
     _warm_start(model, start)
 
@@ -90,8 +98,7 @@ def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config
         raise ValueError(f"oe_lambda must lie in [0, 1], got {oe_lambda}")
     device = device or pick_device()
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed + 1)
+    with _seeded(config.seed + 1):
         model = StyleDistillationNetwork(config.channels, config.sdn_base_width, config.image_size, config.sdn_depth)
     _warm_start(model, start)
 
@@ -111,6 +118,18 @@ def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config
     history = _fit(model, batch_loss, _as_batch(images, config), config, config.sdn_epochs, device, label,
                    warm=start is not None)
     return model, history
+
+
+# A network's initial weights come from torch's one global generator; two trainings in threads at once
+# (a nightly's lines) would interleave their draws on it. The lock keeps each seeded construction whole.
+_GLOBAL_GENERATOR = threading.Lock()
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _warm_start(model: nn.Module, start: nn.Module | None) -> None:
@@ -145,8 +164,8 @@ def _augment(batch: torch.Tensor, config: OeSdnConfig, generator: torch.Generato
 
 def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: OeSdnConfig,
          epochs: int, device: torch.device, label: str, warm: bool = False) -> History:
-    """Adam on `batch_loss` until the held-out loss stops improving, `epochs` or `config.max_train_seconds`;
-    leaves the best epoch's weights in `model`. A `warm` model's own weights compete too (history
+    """Adam on `batch_loss` until the held-out loss stops improving or for `epochs`; leaves the best epoch's
+    weights in `model`. Passing `config.max_train_seconds` raises `TrainingOverrunError`. A `warm` model's own weights compete too (history
     `start_val_loss`): training that never beats them on the held-out images leaves them as they were."""
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(data), generator=generator)
@@ -192,9 +211,12 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
         if stale >= config.patience:
             stop = f"no improvement for {stale} epochs"
             break
-        if time.monotonic() - started > config.max_train_seconds:
-            stop = f"time cap {config.max_train_seconds:.0f} s"
-            break
+        guard = config.max_train_seconds
+        if guard is not None and epoch + 1 < epochs and time.monotonic() - started > guard:
+            raise TrainingOverrunError(
+                f"{label}: training passed its guard of {guard:g} s (oesdn.max_train_seconds) after {epoch + 1} of "
+                f"at most {epochs} epochs; stopping there would make the weights depend on how busy the machine "
+                "is. Raise or remove the guard, or lower the epoch caps (oesdn.epochs, oesdn.sdn_epochs)")
     progress.close()
     if len(val):
         model.load_state_dict(best_state)

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from patchline.models.config import PatchCoreConfig
 from patchline.models.images import pick_device
 from patchline.models.scoring.detection import Detections
+from patchline.models.tensor_files import write_tensor_file
 
 _FORMAT = "patchline-memory-bank/1"
 
@@ -55,9 +56,8 @@ class MemoryBank:
         """Write the bank as a safetensors file; `MemoryBank.load` reads back an equal bank."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"features": np.ascontiguousarray(self.features)}, str(path), metadata={
-            "format": _FORMAT, "config": self.config.model_dump_json(), "image_size": str(self.image_size)})
-        return path
+        return write_tensor_file(path, save({"features": np.ascontiguousarray(self.features)}, metadata={
+            "format": _FORMAT, "config": self.config.model_dump_json(), "image_size": str(self.image_size)}))
 
     @classmethod
     def load(cls, path: Path) -> MemoryBank:
