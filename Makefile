@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: run test test-stack setup clean
+.PHONY: run test test-stack lint setup clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The layer rules of ARCHITECTURE.md (import-linter contracts in pyproject.toml), on the checkout.
+lint: $(STAMP)
+	$(BIN)/lint-imports
 
 # Needs Debian's postgresql (README, "Running on a cluster").
 test-stack: $(STAMP)

@@ -64,10 +64,18 @@ def test_wheel_holds_one_namespace_with_the_line_configs_and_the_model_entry_poi
             assert f"patchline/{module.relative_to(REPO)}" in names
 
 
-def test_layer_contracts_hold(unpacked):
-    result = lint_imports(unpacked)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 kept, 0 broken" in result.stdout
+def test_layer_contracts_hold_in_the_checkout_and_the_wheel(unpacked):
+    """`make lint` runs `lint-imports` in the checkout, as a developer types it: the folders are linked into
+    `patchline/`, so it sees every module there, as it does in the wheel."""
+    modules = sum(name.endswith(".py") for _, _, names in os.walk(REPO / "patchline", followlinks=True) for name in names)
+    assert modules > 70, "the checkout's patchline/ reaches every folder through its links"
+    recipe = (REPO / "Makefile").read_text().split("\nlint:", 1)[1].splitlines()[1].strip()
+    assert recipe == "$(BIN)/lint-imports"
+    for result in (subprocess.run([Path(sys.executable).with_name("lint-imports")], cwd=REPO, capture_output=True,
+                                  text=True), lint_imports(unpacked)):
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "5 kept, 0 broken" in result.stdout
+        assert int(result.stdout.split("Analyzed ")[1].split()[0]) >= modules
 
 
 def test_an_import_against_the_layers_breaks_its_contract(unpacked, tmp_path):
