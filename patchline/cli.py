@@ -11,15 +11,16 @@ from typing import Annotated
 
 import typer
 
-from patchline.storage.paths import NotWritableError, configure_environment, ensure_writable, ensure_writable_home
-
-configure_environment()
-
-from patchline.storage.image_files import max_image_pixels  # noqa: E402  (environment first)
-from patchline.storage.ingest import IngestError, build_manifest  # noqa: E402
 from patchline.models.config import ElpvSource, LineConfig, MvtecSource
+from patchline.storage.image_files import max_image_pixels
+from patchline.storage.ingest import IngestError, build_manifest
 from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
-from patchline.storage.sources.mvtec import MvtecLayoutError  # noqa: E402
+from patchline.storage.paths import NotWritableError, configure_environment, ensure_writable, ensure_writable_home
+from patchline.storage.sources.mvtec import MvtecLayoutError
+
+# None of the imports above loads Prefect or MLflow (storage imports no Prefect; the commands import the
+# flows when they run), so the environment they read is set before either is loaded.
+configure_environment()
 
 app = typer.Typer(help="Nightly anomaly-detection model rebuilds, one per product line.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

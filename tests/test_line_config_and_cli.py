@@ -219,3 +219,16 @@ def test_the_schedule_the_config_accepts_is_the_one_prefect_runs(cron, zone):
     prefect = asyncio.run(CronSchedule(cron=config.cron, timezone=config.timezone).get_dates(n=40, start=start))
     ours = CronSim(config.cron, start.astimezone(ZoneInfo(config.timezone)))
     assert [when.timestamp() for when in prefect] == [next(ours).timestamp() for _ in prefect]
+
+
+def test_the_cli_sets_prefects_home_before_anything_loads_prefect(tmp_path):
+    """Prefect reads its settings when first imported: the CLI module sets them and loads neither it nor MLflow."""
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_HOME"}
+    probe = ("import sys, os\nimport patchline.cli\n"
+             "print(sorted(m for m in ('prefect', 'mlflow') if m in sys.modules), os.environ['PREFECT_HOME'])")
+    result = subprocess.run([sys.executable, "-c", probe], env={**env, "PATCHLINE_HOME": str(tmp_path)},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["[]", str(tmp_path / "prefect")]
