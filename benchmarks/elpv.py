@@ -78,7 +78,7 @@ def main() -> None:
             log.info("kept %s", home)
         else:
             shutil.rmtree(home, ignore_errors=True)
-    aurocs = result["image_auroc"]
+    aurocs = result.image_auroc
     best = max(aurocs, key=aurocs.get)
     log.info("rebuild of %s took %.1f s; AUROC %s", config.name, time.perf_counter() - started, aurocs)
     print(f"{config.name} " + " ".join(f"auroc_{name}={aurocs[name]:.4f}" if name in aurocs else f"auroc_{name}=na"

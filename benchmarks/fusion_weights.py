@@ -96,7 +96,8 @@ def main() -> None:
 
     from patchline.models.scoring.metrics import fit_fusion_normalisers, fuse_scores, image_auroc
     from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays
-    from patchline.tasks.darkness import score_darkness_task
+    from patchline.models.darkness import DarknessDetector
+    from patchline.tasks.detectors import score_detector_task
     from patchline.tasks.ingest import ingest_line
     from patchline.tasks.patchcore import build_memory_bank_task, extract_features_task, score_patchcore_task, select_coreset_task
 
@@ -109,7 +110,7 @@ def main() -> None:
         bank = build_memory_bank_task(config, stored, select_coreset_task(config, stored, data.fit))
         groups = {"calibration": data.calibration, "test": test, "ambiguous": ambiguous}
         scores = {name: {"patchcore": score_patchcore_task(stored, bank, rows).scores,
-                         "darkness": score_darkness_task(config, rows).scores}
+                         "darkness": score_detector_task("darkness", DarknessDetector(config.image_size), rows).scores}
                   for name, rows in groups.items()}
         _, levels, types = elpv_arrays()
         position = {name: np.array([int(r.source[len(SOURCE_PREFIX):]) for r in rows]) for name, rows in groups.items()}

@@ -93,7 +93,7 @@ def main() -> None:
         started = time.perf_counter()
         result = rebuild_product_line(before if label == "v1" else after, **options)
         seconds = time.perf_counter() - started
-        print(f"{label}: {seconds:.1f} s, version {result['version']}, reuse {result.get('reuse')}", file=sys.stderr)
+        print(f"{label}: {seconds:.1f} s, version {result.version}, reuse {result.get('reuse')}", file=sys.stderr)
         return result, seconds
 
     try:
@@ -101,10 +101,10 @@ def main() -> None:
         incremental, incremental_s = timed("incremental")
         full, full_s = timed("full", force=True, full=True)
         skipped, skip_s = timed("skip")
-        if not skipped["skipped"] or not incremental["reuse"]["rebuild"].startswith("incremental"):
-            raise RuntimeError(f"expected an incremental rebuild and a skip, got {incremental['reuse']} and "
-                               f"{skipped['reason']}")
-        radii = {name: bank_radius(after, result["version"]) for name, result in (("incremental", incremental),
+        if not skipped.skipped or not incremental.reuse["rebuild"].startswith("incremental"):
+            raise RuntimeError(f"expected an incremental rebuild and a skip, got {incremental.reuse} and "
+                               f"{skipped.reason}")
+        radii = {name: bank_radius(after, result.version) for name, result in (("incremental", incremental),
                                                                                      ("full", full))}
     finally:
         if args.keep:
@@ -113,11 +113,11 @@ def main() -> None:
             shutil.rmtree(home, ignore_errors=True)
     for name, result in (("full", full), ("incremental", incremental)):
         print(f"{name}: radius {radii[name]:.4f}, image AUROC " + ", ".join(
-            f"{detector} {value:.4f}" for detector, value in result["image_auroc"].items()))
+            f"{detector} {value:.4f}" for detector, value in result.image_auroc.items()))
     print(f"incremental line={config.name} full_s={full_s:.1f} incremental_s={incremental_s:.1f} "
           f"radius_ratio={radii['incremental'] / radii['full']:.4f} "
           f"auroc_full={full['image_auroc']['patchcore']:.4f} "
-          f"auroc_incremental={incremental['image_auroc']['patchcore']:.4f} skip_s={skip_s:.1f}")
+          f"auroc_incremental={incremental.image_auroc['patchcore']:.4f} skip_s={skip_s:.1f}")
 
 
 if __name__ == "__main__":

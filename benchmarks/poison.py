@@ -88,15 +88,15 @@ def first_build_report(config: LineConfig, good: Path, poison: list[str], rebuil
     first = config.model_copy(update={"name": f"{config.name}-first"})
     poisoned = {str(path) for path in write_cells(good, poison)}
     built = rebuild(first)
-    flagged = {path for path, _ in built["screening"].unlike.images}
+    flagged = {path for path, _ in built.screening.unlike.images}
     normals = {str(path) for path in good.iterdir()} - poisoned
     moved = good.parent / "reported"
     moved.mkdir()
     for path in flagged:
         Path(path).rename(moved / Path(path).name)
     without = rebuild(first, force=True, screen=False)
-    before = built["image_auroc"][built["decision_detector"]]
-    after = without["image_auroc"][built["decision_detector"]]
+    before = built.image_auroc[built.decision_detector]
+    after = without.image_auroc[built.decision_detector]
     return (f"first build on {len(normals)} normals and {len(poisoned)} poison cells: reported {len(flagged & poisoned)}"
             f"/{len(poisoned)} poison and {len(flagged & normals)}/{len(normals)} normals as unlike the rest; "
             f"auroc {before:.4f} with them, {after:.4f} without")
@@ -148,18 +148,18 @@ def main() -> None:
     def rebuilt(label: str, **options) -> dict:
         promote(client, config.name, "1", f"benchmark: {label} starts from the clean champion v1")
         result = rebuild_product_line(config, force=True, **options)
-        print(f"{label}: version {result['version']}, promoted {result['promoted']}: {result['reason']}",
+        print(f"{label}: version {result.version}, promoted {result.promoted}: {result.reason}",
               file=sys.stderr)
         return result
 
     try:
         first = rebuild_product_line(config)
         client = configure_mlflow()
-        metrics = client.get_run(first["run_id"]).data.metrics
+        metrics = client.get_run(first.run_id).data.metrics
         detection_rate = 1 - metrics["miss_rate_at_threshold"]
         new_paths = {str(path) for path in write_cells(good, cells["new"])}
         clean = rebuilt("clean", screen=False)
-        auroc = {"clean": clean["image_auroc"][clean["decision_detector"]]}
+        auroc = {"clean": clean.image_auroc[clean.decision_detector]}
         caught = wrongly = poisoned_total = 0
         promoted = {"screened": 0, "unscreened": 0}
         lowest = {"screened": 1.0, "unscreened": 1.0}
@@ -167,15 +167,15 @@ def main() -> None:
             poison = {str(path) for path in write_cells(good, cells["poison"][:count])}
             for mode in ("unscreened", "screened"):
                 result = rebuilt(f"{level:.0%} {mode}", screen=mode == "screened")
-                value = result["image_auroc"][result["decision_detector"]]
+                value = result.image_auroc[result.decision_detector]
                 lowest[mode] = min(lowest[mode], value)
-                quarantined = {item.path for item in result["screening"].quarantined}
+                quarantined = {item.path for item in result.screening.quarantined}
                 leaked = len(poison - quarantined)
-                promoted[mode] += bool(result["promoted"] and leaked)
-                after = client.get_run(result["run_id"]).data.metrics
+                promoted[mode] += bool(result.promoted and leaked)
+                after = client.get_run(result.run_id).data.metrics
                 line = (f"level {level:.0%} ({count} cells) {mode}: auroc {value:.4f} (clean {auroc['clean']:.4f}), "
                         f"miss rate {after['miss_rate_at_threshold']:.4f} (v1 {metrics['miss_rate_at_threshold']:.4f}), "
-                        f"promoted {result['promoted']}")
+                        f"promoted {result.promoted}")
                 if mode == "screened":
                     caught += len(quarantined & poison)
                     wrongly += len(quarantined & new_paths)

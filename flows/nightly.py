@@ -7,6 +7,7 @@ from prefect.states import Completed, Failed, State
 
 from patchline.flows.rebuild import rebuild_product_line
 from patchline.tasks.lines import configured_lines, load_line_task, publish_fleet_task
+from patchline.tasks.outcome import NightlySummary
 from patchline.tasks.run_logs import quiet_completed_states
 
 quiet_completed_states()
@@ -36,9 +37,9 @@ def nightly(lines: list[str] | None = None, force: bool = False, full: bool = Fa
             log.error("line %s failed: %s", config.name, failed[config.name])
     if configs:
         publish_fleet_task(configs)
-    summary = {"rebuilt": results, "failed": failed}
+    summary = NightlySummary(results, failed)
     if failed:
         return Failed(message=f"{len(failed)} of {len(names)} lines failed: {', '.join(failed)}", data=summary)
-    skipped = sum(1 for result in results.values() if result["skipped"])
+    skipped = sum(1 for result in results.values() if result.skipped)
     return Completed(message=f"all {len(names)} lines done: {len(names) - skipped} rebuilt, {skipped} unchanged",
                      data=summary)

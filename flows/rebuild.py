@@ -1,5 +1,6 @@
-"""The rebuild of one product line: ingest → screen → features → coreset → bank ∥ AE → SDN (→ darkness) →
-evaluate → package → MLflow → gate. Every step with a side effect is a task, so the Prefect UI shows each one."""
+"""The rebuild of one product line: ingest → screen → features → coreset → bank ∥ each detector fitted on
+images (AE → OE-SDN, darkness, …) → evaluate → package → MLflow → gate. Every step with a side effect is a
+task, so the Prefect UI shows each one; the detectors are those the line enables, whatever is registered."""
 
 from __future__ import annotations
 
@@ -14,12 +15,11 @@ from prefect.runtime import flow_run
 from patchline.models.config import LineConfig
 from patchline.tasks import outcome as outcomes
 from patchline.tasks.approval import Approval, apply_approval_task
-from patchline.tasks.darkness import score_darkness_task
+from patchline.tasks.detectors import fit_detector_task, plan_fits, score_detector_task
 from patchline.tasks.evaluate import Evaluation, evaluate_task
 from patchline.tasks.incremental import find_reusable_champion_task
 from patchline.tasks.ingest import LineData, ingest_line
 from patchline.tasks.line_lock import clear_killed_runs_task, rebuild_lock
-from patchline.tasks.oesdn import score_reconstruction_task, train_autoencoder_task, train_sdn_task
 from patchline.tasks.packaging import export_model_task, package_model_task
 from patchline.tasks.patchcore import build_memory_bank_task, extract_features_task, score_patchcore_task, select_coreset_task
 from patchline.tasks.review import REVIEW_ARTIFACT, write_review_page_task
@@ -35,7 +35,7 @@ quiet_completed_states()
 
 @flow(name="rebuild-product-line", flow_run_name="{config.name} rebuilding")
 def rebuild_product_line(config: LineConfig, wait: bool = True, force: bool = False, full: bool = False,
-                         screen: bool = True) -> dict:
+                         screen: bool = True) -> outcomes.RebuildResult:
     """Rebuild every detector of one line, evaluate it, log it to MLflow and let the gate decide on it.
 
     One rebuild per line at a time: another one still running is waited for, or with `wait=False`
@@ -82,12 +82,10 @@ def rebuild_product_line(config: LineConfig, wait: bool = True, force: bool = Fa
         gate = dataclasses.replace(gate, decision=dataclasses.replace(gate.decision, promote=promoted, reason=reason),
                                    awaiting_approval=False)
     publish_summary_task(config, run, evaluation, gate, timings, reuse, screening)
-    return {"line": config.name, "run_id": run.run_id, "version": gate.version,
-            "promoted": promoted, "reason": reason, "skipped": False,
-            "reuse": reuse, "screening": screening,
-            "decision_detector": evaluation.calibration.decision_detector,
-            "decision_reason": evaluation.decision_reason,
-            "image_auroc": {name: m["image_auroc"] for name, m in evaluation.metrics.items()}}
+    return outcomes.RebuildResult(
+        config.name, run.run_id, gate.version, promoted, reason, False, evaluation.calibration.decision_detector,
+        {name: m["image_auroc"] for name, m in evaluation.metrics.items()}, screening, evaluation.decision_reason,
+        reuse)
 
 
 def _gated(config: LineConfig, gate: GateOutcome, evaluation: Evaluation, reuse: dict[str, str],
@@ -115,64 +113,55 @@ def _approval(config: LineConfig, run: StartedRun, gate: GateOutcome) -> tuple[b
 
 
 def _skipped(config: LineConfig, run: StartedRun, unchanged: UnchangedChampion, reason: str,
-             screening: Screening) -> dict:
+             screening: Screening) -> outcomes.RebuildResult:
     """The result of a skipped rebuild: the champion's own figures, which still stand."""
     suffix = "_image_auroc"
-    return {"line": config.name, "run_id": run.run_id, "version": unchanged.version, "promoted": False,
-            "reason": reason, "skipped": True, "decision_detector": unchanged.decision_detector,
-            "screening": screening,
-            "image_auroc": {key.removesuffix(suffix): value for key, value in unchanged.metrics.items()
-                            if key.endswith(suffix)}}
+    return outcomes.RebuildResult(config.name, run.run_id, unchanged.version, False, reason, True,
+                                  unchanged.decision_detector,
+                                  {key.removesuffix(suffix): value for key, value in unchanged.metrics.items()
+                                   if key.endswith(suffix)}, screening)
 
 
 def _rebuild(config: LineConfig, run: StartedRun, data: LineData, screening: Screening, started: float,
              full: bool) -> tuple[GateOutcome, Evaluation, dict[str, float], dict[str, str], Screening]:
-    detectors = set(config.evaluation.detectors)
-    calibration_set, test_set, extra, tags = {}, {}, {}, {}
-    bank = autoencoder = sdn = None
+    calibration_set, test_set, extra, tags, histories, fitted = {}, {}, {}, {}, {}, {}
+    plan = plan_fits(config)
     champion = find_reusable_champion_task(config, data, full)
     reuse = {"rebuild": ("incremental " if champion.incremental else "full rebuild: ") + champion.reason}
-    # Both branches are submitted before either is awaited, so PatchCore and OE-SDN run side by side.
-    if "patchcore" in detectors:
+    # Every fit is submitted before any is awaited, so PatchCore and the networks train side by side.
+    if plan.from_features:
         stored = extract_features_task.submit(config, data.manifest.rows)
         selected = select_coreset_task.submit(config, stored, data.fit, champion)
         bank = build_memory_bank_task.submit(config, stored, selected)
-    if detectors & {"oesdn", "ae"}:
-        autoencoder = train_autoencoder_task.submit(config, data.fit, champion)
-        sdn = train_sdn_task.submit(config, data.fit, autoencoder, champion) if "oesdn" in detectors else None
-    if bank is not None:
-        stored, selected, bank = stored.result(), selected.result(), bank.result()
+    fits = {}
+    for name in plan.from_images:
+        fits[name] = fit_detector_task.submit(config, name, data.fit, {e: fits[e] for e in plan.after(name)}, champion)
+    for name in plan.from_features:
+        stored, selected, fitted[name] = stored.result(), selected.result(), bank.result()
         kept = 0 if selected.kept is None else len(selected.kept)
-        calibration_set["patchcore"] = score_patchcore_task(stored, bank, data.calibration, kept)
-        test_set["patchcore"] = score_patchcore_task(stored, bank, data.test, kept)
-        reuse["patchcore"] = selected.note
+        calibration_set[name] = score_patchcore_task(stored, fitted[name], data.calibration, kept)
+        test_set[name] = score_patchcore_task(stored, fitted[name], data.test, kept)
+        reuse[name] = selected.note
         if screening.champion is None and selected.kept is None:
             screening = dataclasses.replace(screening, unlike=flag_unlike_training_images_task(
-                run.run_id, run.work_dir, stored, selected, bank))
-        tags.update(memory_bank_tags(bank))
+                run.run_id, run.work_dir, stored, selected, fitted[name].bank))
+        tags.update(memory_bank_tags(fitted[name].bank))
         extra.update(time_extract_features_s=stored.seconds, time_coreset_s=selected.seconds,
-                     features_new_images=stored.written, memory_bank_rows=len(bank.features),
-                     memory_bank_dim=bank.features.shape[1], coreset_candidates=selected.candidates,
+                     features_new_images=stored.written, memory_bank_rows=len(fitted[name].bank.features),
+                     memory_bank_dim=fitted[name].bank.features.shape[1], coreset_candidates=selected.candidates,
                      coreset_radius=selected.coreset.radius)
-    histories = {}
-    if autoencoder is not None:
-        autoencoder = autoencoder.result()
-        sdn = sdn.result() if sdn is not None else None
-        calibration_set.update(score_reconstruction_task(config, autoencoder, sdn, data.calibration))
-        test_set.update(score_reconstruction_task(config, autoencoder, sdn, data.test))
-        histories["autoencoder"] = autoencoder.history
-        extra["time_train_autoencoder_s"] = autoencoder.seconds
-        reuse["autoencoder"] = autoencoder.note
-        if sdn is not None:
-            reuse["sdn"] = sdn.note
-            histories["sdn"] = sdn.history
-            extra["time_train_sdn_s"] = sdn.seconds
-    if "darkness" in detectors:
-        calibration_set["darkness"] = score_darkness_task(config, data.calibration)
-        test_set["darkness"] = score_darkness_task(config, data.test)
+    for name, future in fits.items():
+        result = future.result()
+        fitted[name] = result.detector
+        calibration_set[name] = score_detector_task(name, result.detector, data.calibration)
+        test_set[name] = score_detector_task(name, result.detector, data.test)
+        histories.update(result.histories)
+        extra[f"time_fit_{name}_s"] = result.seconds
+        if result.note:
+            reuse[name] = result.note
     evaluation = evaluate_task(config, data.test, calibration_set, test_set, run.work_dir / "plots",
                                screening.kept_decision)
-    bundle = package_model_task(config, evaluation.calibration, run.work_dir / "bundle", bank, autoencoder, sdn)
+    bundle = package_model_task(config, evaluation.calibration, run.work_dir / "bundle", fitted)
     export = export_model_task(bundle, run.work_dir / "export") if config.export_onnx else None
     extra["time_until_logging_s"] = time.perf_counter() - started
     model_uri = log_rebuild_task(run.run_id, config, data, evaluation, histories, extra, reuse, tags, bundle,

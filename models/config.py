@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
@@ -57,8 +57,8 @@ class PatchCoreConfig(_Strict):
     target_dim: int | None = Field(None, ge=1)
     coreset_ratio: float = Field(0.01, gt=0, le=1)
     # The coreset selects in a random projection to this many dims (none when the features have
-    # fewer). 256 keeps Lite0's 152 and Lite2's dims whole: projecting Lite0 to 128 measured lower
-    # on elpv-mono (peer settings, exact greedy, seeds 0/1: 0.9460/0.9473 vs 0.9535/0.9462 unprojected).
+    # fewer). 256 keeps Lite0's 152 and Lite2's dims whole: projecting Lite0 to 128 measured lower on
+    # elpv-mono (benchmarks/README.md, "Figures behind settings in the code").
     projection_dim: int = Field(256, ge=1)
     # Eq. 7 of the PatchCore paper; with 1 neighbour the weight is always 0.
     reweight_neighbours: int = Field(9, ge=2)
@@ -91,8 +91,8 @@ def _generated_group(generators: list[tuple[int, int, int, int]]) -> set[tuple[i
 
 
 class OeSdnConfig(_Strict):
-    # Measured on ELPV (benchmarks/oesdn.py, before issue 18): 64 px beat 128 px for both AE and OE-SDN
-    # at a quarter of the cost. 16 px is the least the AE's four stride-2 stages take.
+    # 64 px beat 128 px on ELPV for both the AE and OE-SDN, at a quarter of the cost
+    # (benchmarks/README.md, "Figures behind settings in the code"). 16 px is the least the AE's four stride-2 stages take.
     image_size: int = Field(64, ge=16)
     channels: Literal[1, 3] = 1
     ae_base_width: int = Field(16, ge=4)
@@ -169,8 +169,15 @@ class OeSdnConfig(_Strict):
         return self
 
 
-# "darkness" is the mean electroluminescence darkness of an image (models/darkness.py).
-Detector = Literal["patchcore", "oesdn", "ae", "darkness"]
+def _registered(names: list[str], what: str) -> None:
+    """Names that are not detectors of the registry (models/detectors.py) are refused, listing those that are."""
+    # Imported here: the registry's detectors import this module for their settings.
+    from patchline.models.detectors import DETECTORS
+
+    unknown = [name for name in names if name not in DETECTORS]
+    if unknown:
+        raise ValueError(f"{what} {', '.join(map(repr, unknown))} is not a registered detector; use one of "
+                         f"{', '.join(DETECTORS)}")
 
 
 class EvaluationConfig(_Strict):
@@ -178,15 +185,38 @@ class EvaluationConfig(_Strict):
     calibration_fraction: float = Field(0.1, gt=0, lt=0.5)
     # A threshold from good images only: this percentile of held-out good scores.
     threshold_percentile: float = Field(99.0, gt=0, lt=100)
-    detectors: tuple[Detector, ...] = ("patchcore", "oesdn", "ae")
+    # Registered detectors (models/detectors.py); "darkness" is the mean electroluminescence darkness of an
+    # image (models/darkness.py).
+    detectors: Annotated[tuple[str, ...], Field(min_length=1)] = ("patchcore", "oesdn", "ae")
     # Weight of each detector's normalised score in `fused`; None = every detector alike. A detector
     # missing here weighs 0 (it is still built, scored and reported on its own); weights of detectors
     # that a run leaves out (e.g. `patchline rebuild --detectors`) are ignored.
-    fusion_weights: dict[Detector, Annotated[float, Field(ge=0)]] | None = None
+    fusion_weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
     # The detector whose decisions the deployed model returns. "auto": the line's first version takes the
     # best image AUROC of its rebuild (chosen on the test split, so that figure is optimistic), and every
     # later one keeps its champion's; a person changes it here or by promoting a version that decides otherwise.
-    decision_detector: Literal[Detector, "auto", "fused"] = "auto"
+    decision_detector: str = "auto"
+
+    @field_validator("detectors")
+    @classmethod
+    def _known_detectors(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        _registered(list(names), "detector")
+        if len(set(names)) < len(names):
+            raise ValueError(f"detectors {list(names)} name one detector twice")
+        return names
+
+    @field_validator("fusion_weights")
+    @classmethod
+    def _known_weights(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        _registered(list(weights or {}), "fusion weight of")
+        return weights
+
+    @field_validator("decision_detector")
+    @classmethod
+    def _known_decision_detector(cls, name: str) -> str:
+        if name not in ("auto", "fused"):
+            _registered([name], "decision_detector")
+        return name
 
     @model_validator(mode="after")
     def _some_weight(self) -> EvaluationConfig:
@@ -297,6 +327,31 @@ class LineConfig(_Strict):
     # model is logged, and logs it inside the MLflow model (artifact `export`), which then scores on the
     # fastest runtime that passed.
     export_onnx: bool = False
+    # The settings of registered detectors that bring a section of their own (`DetectorSpec.settings`), by
+    # detector name; the built-in detectors' settings are `patchcore` and `oesdn` above.
+    detector_settings: dict[str, Any] = {}
+
+    @field_validator("detector_settings", mode="before")
+    @classmethod
+    def _detector_sections(cls, sections: object) -> dict[str, BaseModel]:
+        from patchline.models.detectors import DETECTORS
+
+        if not isinstance(sections, dict):
+            raise ValueError("detector_settings maps detector names to their settings")
+        checked = {}
+        for name, values in sections.items():
+            spec = DETECTORS.get(name)
+            if spec is None or spec.settings is None:
+                raise ValueError(f"detector_settings names {name!r}, which is not a registered detector with a "
+                                 "settings section of its own")
+            checked[name] = values if isinstance(values, spec.settings) else spec.settings.model_validate(values)
+        return checked
+
+    def settings_of(self, detector: str) -> BaseModel:
+        """A registered detector's own settings: its `detector_settings` section, or its defaults."""
+        from patchline.models.detectors import DETECTORS
+
+        return self.detector_settings.get(detector) or DETECTORS[detector].settings()
 
     @field_validator("image_size")
     @classmethod

@@ -2,21 +2,22 @@
 
 An EL image shows where a solar cell emits light under forward bias; cracked-off, inactive or badly
 contacted regions emit little and show dark, so a defective cell is on average darker than a good
-one. On the ELPV protocol mean darkness alone reaches image AUROC 0.78, and fused with PatchCore (which
-compares local texture, not overall brightness) it lifts PatchCore's 0.920 to 0.939 — see "Fusing mean
-darkness" in benchmarks/README.md. It has no notion of where the defect is, so its map is flat: in the
+one. On the ELPV protocol mean darkness alone separates good from defective cells well above chance, and
+fused with PatchCore (which compares local texture, not overall brightness) it lifts PatchCore — figures in
+benchmarks/README.md, "Fusing mean darkness". It has no notion of where the defect is, so its map is flat: in the
 fused map it shifts a whole image up or down and leaves the localisation to the other detectors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from patchline.models.config import LineConfig
+from patchline.models.detector_spec import Detector, Fitted
 from patchline.models.scoring.detection import Detections
 
 
@@ -55,6 +56,12 @@ class DarknessDetector:
     @classmethod
     def load(cls, folder: Path, config: LineConfig, device: torch.device | None = None) -> DarknessDetector:
         return cls(config.image_size)
+
+
+def fit_darkness(config: LineConfig, images: Sequence[np.ndarray], start: Detector | None,
+                 fitted: Mapping[str, Detector]) -> Fitted:
+    """Nothing to learn: the detector for the line's map size (the images are not read)."""
+    return Fitted(DarknessDetector(config.image_size))
 
 
 class DarknessGraph(torch.nn.Module):

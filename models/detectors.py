@@ -1,46 +1,50 @@
-"""The detector interface, and the one registry of the detectors a line can enable.
+"""The one registry of the detectors a line can enable (`evaluation.detectors`).
 
-A detector scores uint8 images into `Detections` with maps at the line's image size, saves its fitted
-parts into a model bundle folder and loads them back, and gives its scoring of one image as a module
-that ONNX export traces (models/export_graph.py). Adding one means its module, its entry here and
-its config section (`models/config.py`); fitting it is a task of the rebuild flow.
+Adding a detector means its module (a class with `score`, `save`, `graph` and a `load`, and a fit
+function: models/detector_spec.py), its entry here, and its settings section; the rebuild fits, scores,
+packages and exports every registered detector alike (tasks/detectors.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
 import torch
 
 from patchline.models.config import LineConfig
-from patchline.models.darkness import DarknessDetector
-from patchline.models.oesdn.detector import AutoencoderDetector, OeSdnDetector
+from patchline.models.darkness import DarknessDetector, fit_darkness
+from patchline.models.detector_spec import Detector, DetectorSpec
+from patchline.models.oesdn.detector import AutoencoderDetector, OeSdnDetector, fit_autoencoder, fit_oesdn
 from patchline.models.patchcore.detector import PatchCoreDetector
-from patchline.models.scoring.detection import Detections
 
-
-class Detector(Protocol):
-    def score(self, images: Sequence[np.ndarray], progress: bool = False) -> Detections: ...
-
-    def save(self, folder: Path) -> None: ...
-
-    def graph(self) -> torch.nn.Module:
-        """(1, 3, H, W) float pixels in [0, 1] → (image score (1,), map (1, S, S)), as `score` computes them."""
-
-
-Loader = Callable[[Path, LineConfig, torch.device | None], Detector]
-
-DETECTORS: dict[str, Loader] = {
-    "patchcore": PatchCoreDetector.load,
-    "oesdn": OeSdnDetector.load,
-    "ae": AutoencoderDetector.load,
-    "darkness": DarknessDetector.load,
+DETECTORS: dict[str, DetectorSpec] = {
+    "patchcore": DetectorSpec(load=PatchCoreDetector.load, fit=None, warm_start=True),
+    "oesdn": DetectorSpec(load=OeSdnDetector.load, fit=fit_oesdn, after=("ae",), warm_start=True),
+    "ae": DetectorSpec(load=AutoencoderDetector.load, fit=fit_autoencoder, warm_start=True),
+    "darkness": DetectorSpec(load=DarknessDetector.load, fit=fit_darkness),
 }
+
+
+def fitting_order(names: Iterable[str]) -> list[str]:
+    """`names` with each detector after the enabled ones its `after` names (registry order otherwise)."""
+    enabled, ordered = set(names), []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise ValueError(f"detectors {' → '.join((*path, name))} each wait for the next to be fitted first")
+        if name not in ordered:
+            for earlier in DETECTORS[name].after:
+                if earlier in enabled:
+                    visit(earlier, (*path, name))
+            ordered.append(name)
+
+    for name in DETECTORS:
+        if name in enabled:
+            visit(name, ())
+    return ordered
 
 
 def load_detectors(folder: Path, config: LineConfig, device: torch.device | None = None) -> dict[str, Detector]:
     """The line's enabled detectors, read from a bundle folder that their `save` wrote."""
-    return {name: DETECTORS[name](folder, config, device) for name in config.evaluation.detectors}
+    return {name: DETECTORS[name].load(folder, config, device) for name in config.evaluation.detectors}

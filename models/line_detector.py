@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from patchline.models.config import LineConfig
-from patchline.models.detectors import Detector
+from patchline.models.detector_spec import Detector
 from patchline.models.scoring.calibration import FUSED, Calibration, fuse
 from patchline.models.scoring.detection import Detections
 

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +17,9 @@ from patchline.storage.ingest import IngestError, build_manifest
 from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
 from patchline.storage.paths import NotWritableError, configure_environment, ensure_writable, ensure_writable_home
 from patchline.storage.sources.mvtec import MvtecLayoutError
+
+if TYPE_CHECKING:
+    from patchline.tasks.outcome import RebuildResult
 
 # None of the imports above loads Prefect or MLflow (storage imports no Prefect; the commands import the
 # flows when they run), so the environment they read is set before either is loaded.
@@ -123,7 +126,8 @@ def lines_command(
 ) -> None:
     """List product lines with their schedule and current champion."""
     _require_home()
-    from patchline.storage.registry import PROMOTED_AT_TAG, champion_version
+    from patchline.storage.registry import champion_version
+    from patchline.storage.tag_names import PROMOTED_AT_TAG
     from patchline.storage.tracking import configure_mlflow
 
     configs = _load_all(lines)
@@ -292,20 +296,20 @@ def _print_screening(line_arg: str, screening) -> None:
         typer.echo(f"  a reviewer who finds one good passes it with: patchline accept {line_arg} PATH --reason '...'")
 
 
-def _print_rebuild(result: dict, line_arg: str) -> None:
+def _print_rebuild(result: RebuildResult, line_arg: str) -> None:
     """`line_arg`: how the user named the line (a name or a config file), for the commands it suggests."""
-    if result["skipped"]:
-        typer.echo(f"{result['line']}: {result['reason']}")
-        _print_screening(line_arg, result["screening"])
+    if result.skipped:
+        typer.echo(f"{result.line}: {result.reason}")
+        _print_screening(line_arg, result.screening)
         return
-    typer.echo(f"{result['line']}: image AUROC " + ", ".join(
-        f"{name} {value:.4f}" for name, value in result["image_auroc"].items()))
-    verdict = "promoted to champion" if result["promoted"] else "not promoted"
-    typer.echo(f"  version {result['version']} {verdict}: {result['reason']}")
-    typer.echo(f"  decisions by: {result['decision_detector']} ({result['decision_reason']}); "
-               f"MLflow run {result['run_id']}")
-    _print_screening(line_arg, result["screening"])
-    for part, note in result["reuse"].items():
+    typer.echo(f"{result.line}: image AUROC " + ", ".join(
+        f"{name} {value:.4f}" for name, value in result.image_auroc.items()))
+    verdict = "promoted to champion" if result.promoted else "not promoted"
+    typer.echo(f"  version {result.version} {verdict}: {result.reason}")
+    typer.echo(f"  decisions by: {result.decision_detector} ({result.decision_reason}); "
+               f"MLflow run {result.run_id}")
+    _print_screening(line_arg, result.screening)
+    for part, note in result.reuse.items():
         typer.echo(f"  {part}: {note}")
 
 
@@ -336,20 +340,21 @@ def nightly_command(
     """Rebuild every configured line (or the given ones); one line's failure does not stop the others."""
     _require_home()
     from patchline.flows.nightly import nightly
+    from patchline.tasks.outcome import NightlySummary
 
     with _prefect_api():
         state = nightly(lines or None, force, full, return_state=True)
     summary = state.result(raise_on_failure=False)
-    summary = summary if isinstance(summary, dict) else {}
+    summary = summary if isinstance(summary, NightlySummary) else NightlySummary({}, {})
     given = {}
     for arg in lines or []:
         try:
             given[load_line(arg).name] = arg
         except LineConfigError:
             pass  # the nightly reports it as failed
-    for name, result in summary.get("rebuilt", {}).items():
+    for name, result in summary.rebuilt.items():
         _print_rebuild(result, given.get(name, name))
-    for name, reason in summary.get("failed", {}).items():
+    for name, reason in summary.failed.items():
         typer.secho(f"{name}: FAILED: {reason}", fg=typer.colors.RED, err=True)
     typer.echo("Look at the runs with: .venv/bin/patchline ui   (Prefect UI and MLflow UI)")
     if not state.is_completed():

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from patchline.models.image_arrays import colour_channels
-from patchline.models.scoring.unit_scale import detector_unit_scores
+from patchline.models.scoring.unit_scale import line_output
 
 FORMAT = "patchline-export/3"
 # Exports from before line.json carried digests still load, unchecked.
@@ -84,19 +84,9 @@ class ExportedLine:
 
     def score(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         detections = self.detections(images)
-        meta = self.metadata
-        decider = meta["decision_detector"]
-        scores, maps = detections[decider]
-        threshold = meta["thresholds"][decider]
-        result = {"score": scores, "decision": scores >= threshold,
-                  "threshold": np.full(len(scores), threshold, np.float32), "anomaly_map": maps,
-                  "score_unit": self._unit(decider, scores)}
-        result.update({f"score_{name}": found[0] for name, found in detections.items()})
-        result.update({f"score_unit_{name}": self._unit(name, found[0]) for name, found in detections.items()})
-        return result
-
-    def _unit(self, name: str, scores: np.ndarray) -> np.ndarray:
-        return detector_unit_scores(name, scores, self.metadata["thresholds"], self.metadata.get("unit_slopes"))
+        decider = self.metadata["decision_detector"]
+        return line_output({name: found[0] for name, found in detections.items()}, decider, detections[decider][1],
+                           self.metadata["thresholds"], self.metadata.get("unit_slopes"))
 
 
 def passed_runtimes(metadata: dict) -> list[str]:

@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from patchline.models.config import LineConfig
-from patchline.storage.registry import REASON_TAG, champion_stack, champion_timeline, champion_version
+from patchline.storage.registry import champion_stack, champion_timeline, champion_version
+from patchline.storage.tag_names import ERROR_TAG, REASON_TAG, SKIPPED_TAG
 from patchline.storage.tracking import experiment_name
 
 # A rebuild that started this long after its scheduled time still counts as that night's.
@@ -52,7 +53,7 @@ def line_status(client: MlflowClient, config: LineConfig, now: datetime | None =
     run = _last_run(client, config.name)
     started = datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc) if run else None
     tags = run.data.tags if run else {}
-    reason = tags.get("patchline.error") or tags.get("patchline.skipped") or tags.get(REASON_TAG) or \
+    reason = tags.get(ERROR_TAG) or tags.get(SKIPPED_TAG) or tags.get(REASON_TAG) or \
         ("running" if run and run.info.status == "RUNNING" else "")
     schedule = config.schedule
     due = next(CronSim(schedule.cron, now.astimezone(ZoneInfo(schedule.timezone)), reverse=True))

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from patchline.models.config import LineConfig
-from patchline.models.detectors import Detector, load_detectors
+from patchline.models.detector_spec import Detector
+from patchline.models.detectors import load_detectors
 from patchline.models.line_detector import LineDetector
 from patchline.models.scoring.calibration import Calibration
 from patchline.runtime import file_digest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,3 +25,18 @@ def read_mask(row: ManifestRow) -> np.ndarray:
     if row.mask is None:
         return np.zeros((row.height, row.width), dtype=bool)
     return decode_mask(Path(row.mask))
+
+
+class PixelRows(Sequence[np.ndarray]):
+    """The uint8 pixels of manifest rows, read when asked for: a detector that fits nothing reads nothing."""
+
+    def __init__(self, rows: Sequence[ManifestRow]) -> None:
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):  # noqa: ANN001 (an int or a slice, as any sequence)
+        if isinstance(index, slice):
+            return [read_pixels(row.source) for row in self.rows[index]]
+        return read_pixels(self.rows[index].source)

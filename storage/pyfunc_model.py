@@ -26,6 +26,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import Schema, TensorSpec
 
+from patchline.models.scoring.unit_scale import line_output
 from patchline.runtime import METADATA, ExportedLine, fastest_runtime, installed, passed_runtimes
 from patchline.storage.image_files import decode_image_bytes
 from patchline.storage.pixels import read_pixels
@@ -79,14 +80,10 @@ class PatchlineModel(PythonModel):
         if self.exported is not None:
             return self.exported.score(images)
         detections = self.detector.score(images)
-        chosen, decisions, threshold = self.detector.decide(detections)
         calibration = self.detector.calibration
-        output = {"score": chosen.scores, "decision": decisions,
-                  "threshold": np.full(len(images), threshold, np.float32), "anomaly_map": chosen.maps,
-                  "score_unit": calibration.unit_scores(calibration.decision_detector, chosen.scores)}
-        output.update({f"score_{name}": d.scores for name, d in detections.items()})
-        output.update({f"score_unit_{name}": calibration.unit_scores(name, d.scores) for name, d in detections.items()})
-        return output
+        decider = calibration.decision_detector
+        return line_output({name: d.scores for name, d in detections.items()}, decider, detections[decider].maps,
+                           calibration.thresholds, calibration.unit_slopes)
 
 
 # Outputs only: an input schema would make MLflow validate inputs against one form. Every line's model

@@ -14,22 +14,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from patchline.models.config import GATE_METRICS, PromotionConfig
-from patchline.storage.tracking import TEST_FINGERPRINT_TAG
+from patchline.storage.tag_names import (
+    ACCEPTED_TAG_PREFIX, APPROVAL_TAG, DECISION_TAG, EVENT_TAG_PREFIX, LEGACY_HISTORY_TAG, PROMOTED_AT_TAG,
+    REASON_TAG, TEST_FINGERPRINT_TAG)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-PROMOTED_AT_TAG = "patchline.promoted_at"
-DECISION_TAG = "patchline.gate.decision"
-REASON_TAG = "patchline.gate.reason"
-# Champions before the event record: a comma list of versions, read as the start of the timeline.
-LEGACY_HISTORY_TAG = "patchline.champion_history"
-# One registered-model tag per change of champion, keyed by time so the keys sort as the timeline.
-EVENT_TAG_PREFIX = "patchline.champion_event."
 GATE = "gate"
 AWAITING_APPROVAL = "awaiting approval"
-APPROVAL_TAG = "patchline.approval"
-# One registered-model tag per training image a reviewer accepted after the screen quarantined it.
-ACCEPTED_TAG_PREFIX = "patchline.accepted."
 
 
 def registered_model_name(line: str) -> str:

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from patchline.models.config import LineConfig
 from patchline.storage.locks import exclusive_lock
 from patchline.storage.paths import patchline_home
+from patchline.storage.tag_names import EXPERIMENT_KIND_TAG, KILLED_TAG
 
 
 def tracking_uri() -> str:
@@ -85,8 +86,7 @@ def experiment_name(line: str) -> str:
     return f"patchline-{line}"
 
 
-# MLflow 3's UI opens an experiment in its GenAI view (traces, prompts) unless this tag names model training.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# MLflow 3's UI opens an experiment in its GenAI view unless its EXPERIMENT_KIND_TAG names model training,
 MODEL_TRAINING = "custom_model_development"
 # ... and its navigation in GenAI mode unless a link asks for model training; patchline's links do.
 MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
@@ -129,13 +129,6 @@ def config_params(config: LineConfig) -> dict[str, str]:
     return flat
 
 
-DATA_FINGERPRINT_TAG = "patchline.data_fingerprint"
-MODEL_CONFIG_TAG = "patchline.model_config_fingerprint"
-# Identity of a run's test set, so the gate only compares metrics measured on the same images.
-TEST_FINGERPRINT_TAG = "patchline.test_fingerprint"
-DECISION_DETECTOR_TAG = "patchline.decision_detector"
-# Why that detector decides; when the rebuild chose it by its test AUROC, the tag says that figure is optimistic.
-DECISION_REASON_TAG = "patchline.decision_detector.reason"
 # Settings that say when, where or how a line is rebuilt, described and exported, not which model it gets.
 # Which images a line reads is the data fingerprint's business (source, on_bad_input): a moved folder or
 # a few more images must not count as other model settings, or no rebuild could reuse its champion.
@@ -148,9 +141,6 @@ def model_config_fingerprint(config: LineConfig) -> str:
                 if key.split(".")[0] not in _NOT_MODEL_SETTINGS}
     text = json.dumps({"patchline": version("patchline"), **settings}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-KILLED_TAG = "patchline.killed"
 
 
 def mark_stale_runs_killed(client: MlflowClient, line: str) -> list[str]:

@@ -9,25 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from patchline.models.config import LineConfig
+from patchline.models.incremental import MAX_NEW_SHARE, replayed_old, too_many_new
 from patchline.models.line_detector import LineDetector
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.registry import champion_version, registered_model_name
-from patchline.storage.tracking import MODEL_CONFIG_TAG, configure_mlflow, model_config_fingerprint
+from patchline.storage.tag_names import MODEL_CONFIG_TAG
+from patchline.storage.tracking import configure_mlflow, model_config_fingerprint
 from patchline.tasks.ingest import LineData
 
 # The champion run's artifact listing the ids of the images its detectors were fitted on.
 FIT_IDS_ARTIFACT = "data/fit_ids.txt"
-# Beyond this many new images per champion fit image, a full rebuild costs little more than an update.
-MAX_NEW_SHARE = 0.5
-# A warm start trains on the new images and as many old fit images per new one (at least MIN_REPLAY),
-# so the networks keep what they knew of the old ones.
-REPLAY_PER_NEW = 1
-MIN_REPLAY = 32
 
 
 @dataclass(frozen=True)
@@ -48,9 +43,7 @@ class Reuse:
 
     def replayed(self, seed: int) -> list[ManifestRow]:
         """The new fit images and a seeded sample of the old ones: what a warm start trains on."""
-        count = min(len(self.old_fit), max(MIN_REPLAY, REPLAY_PER_NEW * len(self.new_fit)))
-        chosen = np.sort(np.random.default_rng(seed).choice(len(self.old_fit), count, replace=False))
-        return [*self.new_fit, *(self.old_fit[i] for i in chosen)]
+        return [*self.new_fit, *(self.old_fit[i] for i in replayed_old(len(self.old_fit), len(self.new_fit), seed))]
 
 
 def write_fit_ids(data: LineData, folder: Path) -> Path:
@@ -94,7 +87,7 @@ def _reusable_champion(config: LineConfig, data: LineData, full: bool) -> Reuse:
     new_fit = tuple(row for row in data.fit if row.id not in old_ids)
     if not new_fit:
         return Reuse(f"no new good training images since {name}")
-    if len(new_fit) > MAX_NEW_SHARE * len(old_ids):
+    if too_many_new(len(new_fit), len(old_ids)):
         return Reuse(f"{len(new_fit)} new fit images, more than {MAX_NEW_SHARE:.0%} of the {len(old_ids)} of {name}")
     try:
         model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{champion.version}")

@@ -8,9 +8,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from patchline.models.config import LineConfig
+from patchline.models.process import stopwatch
 from patchline.storage.ingest import build_manifest
 from patchline.storage.manifest import Manifest, ManifestRow, hold_out_calibration
-from patchline.tasks.timing import stopwatch
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,38 @@ can show as columns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from patchline.storage.registry import GateDecision
+from patchline.storage.tag_names import FIGURE_TAG, OUTCOME_TAG, VERSION_TAG
 from patchline.tasks.screening import Screening
 
-OUTCOME_TAG = "patchline.outcome"
-VERSION_TAG = "patchline.version"
-FIGURE_TAG = "patchline.deciding_figure"
+@dataclass(frozen=True)
+class RebuildResult:
+    """What `rebuild-product-line` returns: the version it made (or, when `skipped`, the champion it left in
+    place, whose figures still stand), whether it became champion and why, and each detector's image AUROC."""
+
+    line: str
+    run_id: str
+    version: str
+    promoted: bool
+    reason: str
+    skipped: bool
+    decision_detector: str
+    image_auroc: dict[str, float]
+    screening: Screening
+    decision_reason: str = ""
+    reuse: dict[str, str] = field(default_factory=dict)   # what was reused of the champion, by part
+
+
+@dataclass(frozen=True)
+class NightlySummary:
+    """What `nightly` returns (also as its state's data when a line failed): each line's result or failure."""
+
+    rebuilt: dict[str, RebuildResult]
+    failed: dict[str, str]
+
+
 # Names stay short enough to read in a run list; a reviewer's note can be long.
 _NAME_LENGTH = 120
 

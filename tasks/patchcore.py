@@ -16,24 +16,22 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from patchline.models.config import LineConfig
+from patchline.models.incremental import DRIFT_LIMIT, bank_growth, drifted
 from patchline.models.patchcore.coreset import (SCRATCH_PREFIX, Coreset, coreset_size, extend_coreset,
                                                 greedy_coreset_dask)
-from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
+from patchline.models.patchcore.detector import PatchCoreDetector
+from patchline.models.patchcore.memory_bank import MemoryBank
 from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.scoring.detection import Detections, gather_detections
+from patchline.models.process import release_free_memory, stopwatch
 from patchline.storage.dask_cluster import dask_client
 from patchline.storage.feature_store import FeatureStore
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.nearest_cache import NearestCache, bank_digest
 from patchline.storage.paths import patchline_home
 from patchline.storage.pixels import read_pixels
-from patchline.tasks.heap import release_free_memory
 from patchline.tasks.incremental import Reuse
-from patchline.tasks.timing import stopwatch
 
-# A grown bank must cover the new images' patches about as tightly as the champion covered its own
-# (issue 23 asks for a coverage radius within 1.10 of a full rebuild's); farther means the images drifted.
-DRIFT_LIMIT = 1.10
 # About this many bytes of features per Zarr chunk: big enough for fast reads, small enough to buffer.
 _CHUNK_BYTES = 32 * 2**20
 
@@ -165,14 +163,13 @@ def _grow_champion_bank(config: LineConfig, features: StoredFeatures, fit_rows: 
     stored = features.open().as_dask_array([row.id for row in new_rows])
     candidates = stored.reshape(-1, stored.shape[2])
     per_image = features.grid[0] * features.grid[1]
-    size = coreset_size(per_image * len(fit_rows), config.patchcore.coreset_ratio)
-    picks = min(candidates.shape[0], max(0, size - len(bank)))
+    picks = bank_growth(len(bank), candidates.shape[0], per_image * len(fit_rows), config.patchcore.coreset_ratio)
     scratch = _scratch(features)
     with dask_client(config.dask_address):
         grown = extend_coreset(bank, candidates, picks, projection_dim=config.patchcore.projection_dim,
                                scratch=scratch)
     old_radius = reuse.coreset_radius
-    if old_radius is None or grown.radius > DRIFT_LIMIT * old_radius:
+    if drifted(grown.radius, old_radius):
         why = (f"drift: the new images' patches lie up to {grown.radius:.4f} from the grown bank, more than "
                f"{DRIFT_LIMIT:g} x the champion's radius {old_radius:.4f} over its own images" if old_radius
                else f"champion v{reuse.version} logged no coreset radius to compare with")
@@ -188,8 +185,10 @@ def _grow_champion_bank(config: LineConfig, features: StoredFeatures, fit_rows: 
 
 
 @task(name="build-memory-bank", cache_policy=NO_CACHE)
-def build_memory_bank_task(config: LineConfig, features: StoredFeatures, selected: SelectedCoreset) -> MemoryBank:
-    """The selected patch rows, read back from the store in full dimension (after the champion's rows kept)."""
+def build_memory_bank_task(config: LineConfig, features: StoredFeatures,
+                           selected: SelectedCoreset) -> PatchCoreDetector:
+    """PatchCore fitted: the selected patch rows, read back from the store in full dimension (after the
+    champion's rows kept), as its memory bank."""
     store = features.open()
     per_image = features.grid[0] * features.grid[1]
     indices = np.sort(selected.coreset.indices)
@@ -203,17 +202,17 @@ def build_memory_bank_task(config: LineConfig, features: StoredFeatures, selecte
         stored = store.read([selected.rows[int(i)].id for i in group])
         for position, image in enumerate(group):
             rows.append(stored[position][indices[images == image] % per_image])
-    return MemoryBank(np.concatenate(rows).astype(np.float32), config.patchcore, config.image_size)
+    return PatchCoreDetector(MemoryBank(np.concatenate(rows).astype(np.float32), config.patchcore, config.image_size))
 
 
 @task(name="score-patchcore", cache_policy=NO_CACHE)
-def score_patchcore_task(features: StoredFeatures, bank: MemoryBank, rows: list[ManifestRow], kept_rows: int = 0,
-                         batch: int = 64) -> Detections:
+def score_patchcore_task(features: StoredFeatures, detector: PatchCoreDetector, rows: list[ManifestRow],
+                         kept_rows: int = 0, batch: int = 64) -> Detections:
     """PatchCore detections of `rows` from their stored features. Each image's patch distances are kept
     per bank (storage/nearest_cache.py); a bank whose first `kept_rows` rows are the champion's whole bank
     is searched past them only, for the images whose distances to the champion's bank were kept."""
     store = features.open()
-    scorer = PatchCoreScorer(bank)
+    bank, scorer = detector.bank, detector.scorer
     cache = None if "://" in features.root else NearestCache(Path(features.root) / features.line / "nearest")
     known = cache.load(bank_digest(bank.features[:kept_rows])) if cache is not None and kept_rows else {}
     measured: dict[str, np.ndarray] = {}

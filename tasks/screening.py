@@ -23,7 +23,8 @@ from patchline.models.patchcore.outliers import leave_one_image_out_scores, unli
 from patchline.storage.pixels import read_pixels
 from patchline.storage.plots import save_heatmap_overlay
 from patchline.storage.registry import accepted_images, champion_version, registered_model_name
-from patchline.storage.tracking import DECISION_DETECTOR_TAG, configure_mlflow
+from patchline.storage.tag_names import DECISION_DETECTOR_TAG
+from patchline.storage.tracking import configure_mlflow
 from patchline.tasks.ingest import LineData
 from patchline.tasks.patchcore import SelectedCoreset, StoredFeatures
 

@@ -6,14 +6,12 @@ import csv
 import dataclasses
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
 import mlflow
-import numpy as np
 from mlflow.entities import Metric
 from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -21,19 +19,18 @@ from prefect.cache_policies import NO_CACHE
 
 from patchline.models.config import LineConfig
 from patchline.models.patchcore.memory_bank import MemoryBank
-from patchline.models.scoring.metrics import error_rates_at_threshold, image_auroc
 from patchline.storage.line_config import save_line
 from patchline.storage.manifest import Manifest
 from patchline.storage.nearest_cache import bank_digest
 from patchline.storage.paths import work_folders
-from patchline.storage.pixels import read_pixels
 from patchline.storage.pyfunc_model import log_line_model
-from patchline.storage.registry import (
-    GateDecision, GateEvidence, OperatingPoint, apply_gate, champion_version, decide_promotion, gate_floor,
-    register_version, registered_model_name)
+from patchline.storage.gate_evidence import TEST_SCORES_ARTIFACT, ChampionScores, gate_challenger
+from patchline.storage.registry import GateDecision, champion_version, registered_model_name
+from patchline.storage.tag_names import (
+    BANK_TAG, BEST_DETECTOR_TAG, DATA_FINGERPRINT_TAG, DECISION_DETECTOR_TAG, DECISION_REASON_TAG, ERROR_TAG,
+    LINE_TAG, MODEL_CONFIG_TAG, REUSE_TAG, SKIPPED_TAG, TEST_FINGERPRINT_TAG)
 from patchline.storage.tracking import (
-    DATA_FINGERPRINT_TAG, DECISION_DETECTOR_TAG, DECISION_REASON_TAG, MODEL_CONFIG_TAG, MODEL_TRAINING_VIEW,
-    TEST_FINGERPRINT_TAG, config_params, configure_mlflow, ensure_tracking_reachable, line_experiment_id,
+    MODEL_TRAINING_VIEW, config_params, configure_mlflow, ensure_tracking_reachable, line_experiment_id,
     model_config_fingerprint)
 from patchline.tasks.evaluate import Evaluation
 from patchline.tasks.incremental import write_fit_ids
@@ -41,10 +38,6 @@ from patchline.tasks.ingest import LineData
 from patchline.tasks.outcome import RunOutcome
 from patchline.tasks.screening import SCREENING_ARTIFACTS, Screening
 
-SKIPPED_TAG = "patchline.skipped"
-REUSE_TAG = "patchline.incremental"
-# Two rebuilds of the same images and settings give the same bank on any Dask cluster: this tag shows it.
-BANK_TAG = "patchline.memory_bank_digest"
 MLFLOW_UI_ENV = "PATCHLINE_MLFLOW_UI_URL"
 
 
@@ -67,17 +60,6 @@ class UnchangedChampion:
     run_id: str
     metrics: dict[str, float]
     decision_detector: str
-
-
-@dataclass(frozen=True)
-class ChampionScores:
-    """The champion's deciding detector on this rebuild's test rows (NaN for ambiguous rows it was not
-    re-scored on), with its own threshold."""
-
-    version: str
-    detector: str
-    scores: np.ndarray
-    threshold: float
 
 
 @dataclass(frozen=True)
@@ -118,7 +100,7 @@ def start_run_task(config: LineConfig, flow_run_id: str | None) -> StartedRun:
     client = configure_mlflow()
     experiment_id = line_experiment_id(client, config.name)
     run = client.create_run(experiment_id, run_name=f"{config.name} rebuilding",
-                            tags={"patchline.line": config.name, "prefect.flow_run_id": str(flow_run_id),
+                            tags={LINE_TAG: config.name, "prefect.flow_run_id": str(flow_run_id),
                                   MODEL_CONFIG_TAG: model_config_fingerprint(config)})
     params = config_params(config)
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
@@ -153,7 +135,7 @@ def record_skip_task(run: StartedRun, data: LineData, unchanged: UnchangedChampi
     client.set_tag(run.run_id, SKIPPED_TAG, reason)
     create_markdown_artifact(markdown=f"# Rebuild of `{data.manifest.line}`\n\n**Skipped:** {reason}.\n\n"
                                       + _screening_markdown(screening),
-                             key=f"rebuild-{data.manifest.line}", description=f"Rebuild of {data.manifest.line}: skipped")
+    key=f"rebuild-{data.manifest.line}", description=f"Rebuild of {data.manifest.line}: skipped")
     get_run_logger().info("%s: %s", data.manifest.line, reason)
     return reason
 
@@ -164,7 +146,7 @@ def finish_run_task(run: StartedRun, error: str | None = None) -> None:
     folder: what it held is in MLflow now, or belongs to a run that failed."""
     client = configure_mlflow()
     if error is not None:
-        client.set_tag(run.run_id, "patchline.error", error[:5000])
+        client.set_tag(run.run_id, ERROR_TAG, error[:5000])
     client.set_terminated(run.run_id, "FAILED" if error is not None else "FINISHED")
     shutil.rmtree(run.work_dir, ignore_errors=True)
 
@@ -203,7 +185,7 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
         client.log_batch(run_id, metrics=batch[start:start + 900])
     client.set_tag(run_id, DATA_FINGERPRINT_TAG, data.manifest.fingerprint())
     client.set_tag(run_id, TEST_FINGERPRINT_TAG, test_fingerprint(data))
-    client.set_tag(run_id, "patchline.best_detector", evaluation.best)
+    client.set_tag(run_id, BEST_DETECTOR_TAG, evaluation.best)
     client.set_tag(run_id, DECISION_DETECTOR_TAG, evaluation.calibration.decision_detector)
     client.set_tag(run_id, DECISION_REASON_TAG, evaluation.decision_reason)
     for tag, value in {**reuse_tags(reuse), **tags}.items():
@@ -211,7 +193,8 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
     data.manifest.write_csv(work_dir / "manifest.csv")
     save_line(config, work_dir / "line_config.yaml")
     for path in [work_dir / "manifest.csv", work_dir / "manifest.skipped.csv", work_dir / "line_config.yaml",
-                 write_fit_ids(data, work_dir), _write_test_scores(data, evaluation, work_dir / "test_scores.csv")]:
+                 write_fit_ids(data, work_dir),
+                 _write_test_scores(data, evaluation, work_dir / Path(TEST_SCORES_ARTIFACT).name)]:
         client.log_artifact(run_id, str(path), "data")
     for path in evaluation.plots:
         client.log_artifact(run_id, str(path), "plots")
@@ -222,7 +205,6 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
     return info.model_uri
 
 
-TEST_SCORES_ARTIFACT = "data/test_scores.csv"
 # Written by tasks/review.py after the gate; the summary links to it.
 REVIEW_ARTIFACT = "review/review.html"
 
@@ -246,106 +228,14 @@ def _write_test_scores(data: LineData, evaluation: Evaluation, path: Path) -> Pa
 @task(name="register-and-gate", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_and_gate_task(config: LineConfig, run_id: str, model_uri: str, data: LineData,
                            evaluation: Evaluation) -> GateOutcome:
-    """Decide on the challenger, register it as `challenger`, and move `champion` only if the gate says so
-    (with `promotion.approval: manual`, a challenger that passes waits for a person instead).
-
-    Everything the decision needs is read before the registry is touched, and `champion` moves only if
-    it still points where the decision read it (else the gate decides again)."""
-    client = configure_mlflow()
-    metric = config.promotion.metric
-    detector = evaluation.calibration.decision_detector
-    challenger = {name: values[metric] for name, values in evaluation.metrics.items() if metric in values}
-    if detector not in challenger:
-        raise ValueError(f"line {config.name}: promotion metric {metric!r} was not measured for the deciding "
-                         f"detector {detector} (pixel metrics need ground-truth masks); the registry is untouched")
-    test_images = sum(1 for row in data.test if row.label != "ambiguous")
-    own = evaluation.metrics[detector]
-    point = OperatingPoint(own["miss_rate_at_threshold"], own["fpr_at_threshold"], own["threshold"],
-                           own.get("good_spread"))
-    hold = config.promotion.approval == "manual"
-    version, scores = None, None
-    for _ in range(3):
-        current = champion_version(client, config.name)
-        evidence = GateEvidence(detector, challenger, test_images, challenger_point=point)
-        if current is not None:
-            evidence, scores = _champion_evidence(client, config, current, data, evidence)
-        decision = decide_promotion(evidence, config.promotion)
-        waits = hold and decision.promote and current is not None
-        version = version or register_version(client, config.name, model_uri, run_id)
-        if apply_gate(client, config.name, version, decision, evidence.champion, hold=waits):
-            break
-        get_run_logger().warning("champion of %s moved while the gate decided; deciding again", config.name)
-    else:
-        raise RuntimeError(f"line {config.name}: champion kept moving while the gate decided; v{version.version} "
-                           "stays challenger only")
-    get_run_logger().info("gate for %s v%s: %s (%s)", config.name, version.version,
-                          "awaiting approval" if waits else "promoted" if decision.promote else "kept champion",
-                          decision.reason)
-    return GateOutcome(str(version.version), decision, evidence.champion, scores, waits, evidence.champion_detectors)
-
-
-def _champion_evidence(client, config: LineConfig, champion, data: LineData,
-                       evidence: GateEvidence) -> tuple[GateEvidence, ChampionScores | None]:
-    """The champion's metrics and operating point on this rebuild's test set (logged if it saw the same set,
-    else re-scored), the floor (the best value of any champion the line ever had on this test set), and the
-    champion's per-image scores where they are known."""
-    metric, fingerprint, detector = config.promotion.metric, test_fingerprint(data), evidence.detector
-    run = client.get_run(champion.run_id)
-    logged = run.data.metrics
-    detectors: dict[str, float] = {}
-    # Thresholds come from held-out good images, not from the test set: comparable either way.
-    threshold, spread = logged.get(f"{detector}_threshold"), logged.get(f"{detector}_good_spread")
-    same = run.data.tags.get(DECISION_DETECTOR_TAG) == detector
-    if run.data.tags.get(TEST_FINGERPRINT_TAG) == fingerprint and metric in logged:
-        value = logged[metric]
-        detectors = {name: logged[f"{name}_{metric}"] for name in evidence.challenger if f"{name}_{metric}" in logged}
-        point = OperatingPoint(logged[f"{detector}_miss_rate_at_threshold"], logged[f"{detector}_fpr_at_threshold"],
-                               threshold, spread) if f"{detector}_miss_rate_at_threshold" in logged else None
-        scores = _logged_scores(run, champion, data)
-    elif metric == "image_auroc":
-        scores = _rescored(champion, run.data.tags.get(DECISION_DETECTOR_TAG, "?"), data)
-        known = ~np.isnan(scores.scores)
-        is_anomaly = np.array([row.label == "anomaly" for row in data.test])[known]
-        value = image_auroc(scores.scores[known], is_anomaly)
-        fpr, miss_rate = error_rates_at_threshold(scores.scores[known], is_anomaly, scores.threshold)
-        point = OperatingPoint(miss_rate, fpr, threshold if same else None, spread)
-    else:
-        raise ValueError(f"the champion was evaluated on another test set and only image_auroc can be "
-                         f"re-scored here, not {metric!r}")
-    return dataclasses.replace(evidence, champion=str(champion.version), champion_value=value,
-                               champion_detectors=detectors, floor=gate_floor(client, config.name, metric, fingerprint),
-                               champion_point=point), scores
-
-
-def _logged_scores(run, champion, data: LineData) -> ChampionScores | None:
-    """The champion's test scores as its run logged them (None for runs from before they were)."""
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=TEST_SCORES_ARTIFACT,
-                                                       dst_path=folder)
-        except (OSError, mlflow.exceptions.MlflowException):
-            return None
-        with open(path, newline="") as handle:
-            logged = {row["id"]: row for row in csv.DictReader(handle)}
-    if not logged or any(row.id not in logged for row in data.test):
-        return None
-    threshold = float(next(iter(logged.values()))["threshold"])
-    return ChampionScores(str(champion.version), run.data.tags.get(DECISION_DETECTOR_TAG, "?"),
-                          np.array([float(logged[row.id]["score"]) for row in data.test]), threshold)
-
-
-def _rescored(champion, detector: str, data: LineData) -> ChampionScores:
-    """The champion's deciding scores on this test set (NaN for the ambiguous rows), scored now."""
-    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
-    known = [i for i, row in enumerate(data.test) if row.label != "ambiguous"]
-    scores = np.full(len(data.test), np.nan)
-    threshold = float("nan")
-    for start in range(0, len(known), 32):
-        chosen = known[start:start + 32]
-        result = model.predict([read_pixels(data.test[i].source) for i in chosen])
-        scores[chosen] = result["score"]
-        threshold = float(result["threshold"][0])
-    return ChampionScores(str(champion.version), detector, scores, threshold)
+    """The gate on the challenger, carried out in the registry (storage/gate_evidence.py)."""
+    result = gate_challenger(configure_mlflow(), config, run_id, model_uri, evaluation.metrics,
+                             evaluation.calibration.decision_detector, data.test, test_fingerprint(data))
+    get_run_logger().info("gate for %s v%s: %s (%s)", config.name, result.version,
+                          "awaiting approval" if result.awaiting_approval else "promoted" if result.decision.promote
+                          else "kept champion", result.decision.reason)
+    return GateOutcome(result.version, result.decision, result.evidence.champion, result.champion_scores,
+                       result.awaiting_approval, result.evidence.champion_detectors)
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)

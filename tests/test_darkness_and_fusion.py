@@ -77,7 +77,7 @@ def test_weights_of_no_run_detector_fail_the_calibration() -> None:
 @pytest.mark.parametrize("weights, message", [
     ({"patchcore": 0.0}, "at least one detector a weight above 0"),
     ({"patchcore": -1.0}, "greater than or equal to 0"),
-    ({"coreset": 1.0}, "Input should be"),
+    ({"coreset": 1.0}, "fusion weight of 'coreset' is not a registered detector"),
 ])
 def test_bad_fusion_weights_are_refused_by_the_config(weights, message) -> None:
     with pytest.raises(ValidationError, match=message):

@@ -20,12 +20,14 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 
 from patchline.models.config import (
-    ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig, ScheduleConfig)
+    ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig,
+    ScheduleConfig)
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.ingest import build_manifest
 from patchline.storage.line_config import save_line
 from patchline.storage.pixels import read_pixels
-from patchline.storage.registry import CHAMPION, DECISION_TAG, champion_version, registered_model_name
+from patchline.storage.registry import CHAMPION, champion_version, registered_model_name
+from patchline.storage.tag_names import DECISION_TAG, SKIPPED_TAG
 from patchline.storage.tracking import configure_mlflow
 from tests.conftest import png_claiming
 
@@ -56,8 +58,8 @@ def first_rebuild(home):
 def test_rebuild_logs_everything_and_the_first_version_becomes_champion(first_rebuild, home):
     client = configure_mlflow()
     assert not list((home / "runs" / LINE).iterdir()), "the work folder goes once its files are in MLflow"
-    assert first_rebuild["version"] == "1" and first_rebuild["promoted"]
-    run = client.get_run(first_rebuild["run_id"])
+    assert first_rebuild.version == "1" and first_rebuild.promoted
+    run = client.get_run(first_rebuild.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["patchcore.backbone"] == "efficientnet-lite0" and run.data.params["image_size"] == "64"
     for key in ("image_auroc", "patchcore_image_auroc", "oesdn_image_auroc", "ae_image_auroc", "darkness_image_auroc",
@@ -80,7 +82,7 @@ def test_champion_model_scores_like_the_rebuild(first_rebuild):
     rows = [r for r in build_manifest(tiny_config()).select(split="test") if r.label != "ambiguous"]
     output = model.predict([read_pixels(r.source) for r in rows])
     labels = [r.label == "anomaly" for r in rows]
-    metrics = client.get_run(first_rebuild["run_id"]).data.metrics
+    metrics = client.get_run(first_rebuild.run_id).data.metrics
     for detector in ("patchcore", "oesdn", "ae", "darkness", "fused"):
         assert image_auroc(output[f"score_{detector}"], labels) == pytest.approx(metrics[f"{detector}_image_auroc"], abs=1e-6)
     assert output["anomaly_map"].shape == (len(rows), 64, 64)
@@ -139,11 +141,11 @@ def test_a_worse_model_leaves_the_champion(first_rebuild):
                         oesdn=OeSdnConfig(image_size=32, epochs=1, sdn_epochs=1, batch_size=8, ae_base_width=4))
     result = rebuild_product_line(worse)
     client = configure_mlflow()
-    champion_auroc = client.get_run(first_rebuild["run_id"]).data.metrics["image_auroc"]
-    assert result["image_auroc"]["ae"] < champion_auroc - worse.promotion.tolerance  # the premise
-    assert not result["promoted"] and "vs champion" in result["reason"]
+    champion_auroc = client.get_run(first_rebuild.run_id).data.metrics["image_auroc"]
+    assert result.image_auroc["ae"] < champion_auroc - worse.promotion.tolerance  # the premise
+    assert not result.promoted and "vs champion" in result.reason
     assert champion_version(client, LINE).version == 1
-    assert client.get_model_version(registered_model_name(LINE), result["version"]).tags[DECISION_TAG] == "rejected"
+    assert client.get_model_version(registered_model_name(LINE), result.version).tags[DECISION_TAG] == "rejected"
 
 
 def test_an_unreachable_tracking_server_fails_the_rebuild_at_once(home, monkeypatch):
@@ -184,7 +186,6 @@ def test_a_failed_rebuild_leaves_the_registry_untouched(first_rebuild, tmp_path)
 
 def test_nightly_skips_an_unchanged_line_and_survives_a_broken_one(first_rebuild, tmp_path):
     from patchline.flows.nightly import nightly
-    from patchline.tasks.tracking import SKIPPED_TAG
 
     client = configure_mlflow()
     # Another schedule and description change when the line is rebuilt, not the model it gets.
@@ -195,12 +196,12 @@ def test_nightly_skips_an_unchanged_line_and_survives_a_broken_one(first_rebuild
     champion = champion_version(client, LINE).version
     state = nightly([str(good), str(broken_line(tmp_path))], return_state=True)
     assert state.is_failed() and state.message.endswith("1 of 2 lines failed: broken")
-    result = state.result(raise_on_failure=False)["rebuilt"][LINE]
-    assert result["skipped"] and result["reason"].startswith(f"unchanged since v{champion}: same images")
-    assert result["image_auroc"]["patchcore"] == client.get_run(first_rebuild["run_id"]).data.metrics["patchcore_image_auroc"]
+    result = state.result(raise_on_failure=False).rebuilt[LINE]
+    assert result.skipped and result.reason.startswith(f"unchanged since v{champion}: same images")
+    assert result.image_auroc["patchcore"] == client.get_run(first_rebuild.run_id).data.metrics["patchcore_image_auroc"]
     assert len(client.search_model_versions(query)) == before and champion_version(client, LINE).version == champion
-    skip = client.get_run(result["run_id"])
-    assert skip.info.status == "FINISHED" and skip.data.tags[SKIPPED_TAG] == result["reason"]
+    skip = client.get_run(result.run_id)
+    assert skip.info.status == "FINISHED" and skip.data.tags[SKIPPED_TAG] == result.reason
     # The nightly leaves the fleet view as a table artifact: the line's champion and its last run.
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 

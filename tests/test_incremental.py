@@ -18,9 +18,10 @@ from patchline.storage.ingest import build_manifest
 from patchline.storage.manifest import content_hash, hold_out_calibration
 from patchline.storage.nearest_cache import NearestCache, bank_digest
 from patchline.storage.registry import accept_images, registered_model_name
+from patchline.storage.tag_names import REUSE_TAG
 from patchline.storage.tracking import configure_mlflow
 from patchline.tasks.patchcore import feature_key, feature_root
-from patchline.tasks.tracking import REUSE_TAG
+
 from tests.conftest import write_elpv_line, write_image
 
 LINE = "cells-grow"
@@ -72,8 +73,8 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
     root, config, more = line
     client = configure_mlflow()
     first = rebuild_product_line(config)
-    assert first["reuse"]["rebuild"] == "full rebuild: no champion to start from"
-    assert first["reuse"]["patchcore"] == "full coreset"
+    assert first.reuse["rebuild"] == "full rebuild: no champion to start from"
+    assert first.reuse["patchcore"] == "full coreset"
 
     old_fit = fit_ids(config)
     added = [write_image(root / "train" / "good" / f"new{i}.png", cell) for i, cell in enumerate(more)]
@@ -82,19 +83,19 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
     new_fit = set(fit_ids(config)) - set(old_fit)
     assert new_fit, "some of the four new cells are fit images (the others are held out for calibration)"
     grown = rebuild_product_line(config)
-    assert grown["version"] == "2" and grown["promoted"]
-    tags = client.get_run(grown["run_id"]).data.tags
+    assert grown.version == "2" and grown.promoted
+    tags = client.get_run(grown.run_id).data.tags
     assert tags[REUSE_TAG].startswith("incremental from champion v1 (run ")
     assert tags[REUSE_TAG].endswith(f"{len(new_fit)} new fit images beside its {len(old_fit)}")
     assert tags[f"{REUSE_TAG}.patchcore"].startswith("grown from champion v1: its ")
-    for network in ("autoencoder", "sdn"):
-        assert tags[f"{REUSE_TAG}.{network}"].startswith("warm-started from champion v1 on its "), network
+    for detector in ("ae", "oesdn"):
+        assert tags[f"{REUSE_TAG}.{detector}"].startswith("warm-started from champion v1 on its "), detector
     # The champion's bank is kept whole, grown to the line's ratio of every fit patch now, and covers all
     # of them (old and new) within the radius the run reports.
     old_bank, new_bank, patches = bank_of("1"), bank_of("2"), fit_patches(config)
     np.testing.assert_array_equal(new_bank[:len(old_bank)], old_bank)
     assert len(new_bank) == coreset_size(len(patches), 0.1) > len(old_bank)
-    radius = client.get_run(grown["run_id"]).data.metrics["coreset_radius"]
+    radius = client.get_run(grown.run_id).data.metrics["coreset_radius"]
     centres = np.arange(len(patches), len(patches) + len(new_bank))
     assert coverage_radius(np.concatenate([patches, new_bank]), centres) <= radius * (1 + 1e-5)
     # Every scored image's patch distances to both banks are kept, for the next bank grown from them.
@@ -105,8 +106,8 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
     # Warm-started, each network's held-out loss before training is near where v1's training ended, far
     # below what v1 reached after its first epoch from a seeded init.
     for network in ("autoencoder", "sdn"):
-        start = client.get_metric_history(grown["run_id"], f"loss_{network}_start_val_loss")
-        first_epoch = [m for m in client.get_metric_history(first["run_id"], f"loss_{network}_val_loss") if m.step == 0]
+        start = client.get_metric_history(grown.run_id, f"loss_{network}_start_val_loss")
+        first_epoch = [m for m in client.get_metric_history(first.run_id, f"loss_{network}_val_loss") if m.step == 0]
         assert len(start) == 1 and start[0].value < 0.8 * first_epoch[0].value, network
 
     # Random black and white squares look like nothing the bank holds, and few of their patches alike: the
@@ -117,15 +118,15 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
         squares = np.random.default_rng(i).integers(0, 2, (10, 10)).astype(np.uint8) * 255
         odd.append(write_image(root / "train" / "good" / f"odd{i}.png", np.kron(squares, np.ones((30, 30), np.uint8))))
     quarantined = rebuild_product_line(config)
-    assert quarantined["skipped"] and {item.path for item in quarantined["screening"].quarantined} == set(map(str, odd))
+    assert quarantined.skipped and {item.path for item in quarantined.screening.quarantined} == set(map(str, odd))
     accept(odd, "a new product variant")
     drifted = rebuild_product_line(config)
-    tags = client.get_run(drifted["run_id"]).data.tags
+    tags = client.get_run(drifted.run_id).data.tags
     assert tags[REUSE_TAG].startswith("incremental from champion v2")
     assert tags[f"{REUSE_TAG}.patchcore"].startswith("full coreset: drift: the new images' patches lie up to ")
     assert "more than 1.1 x the champion's radius" in tags[f"{REUSE_TAG}.patchcore"]
 
     # Nothing new: a forced rebuild has nothing to add to its champion, so it starts from nothing.
     forced = rebuild_product_line(config, force=True)
-    assert forced["reuse"]["rebuild"] == "full rebuild: no new good training images since champion v3"
-    assert client.get_run(forced["run_id"]).data.tags[f"{REUSE_TAG}.autoencoder"].startswith("trained from scratch")
+    assert forced.reuse["rebuild"] == "full rebuild: no new good training images since champion v3"
+    assert client.get_run(forced.run_id).data.tags[f"{REUSE_TAG}.ae"].startswith("trained from scratch")

@@ -136,7 +136,7 @@ def test_oesdn_map_is_larger_on_a_planted_crack_than_on_the_clean_cell(trained: 
 
 
 def test_image_score_rules() -> None:
-    maps = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    maps = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4)
     assert np.allclose(image_scores(maps, "top_k_mean", 3 / 16), [14.0, 30.0])
     assert np.allclose(image_scores(maps), [15.0, 31.0])
     assert np.allclose(image_scores(maps, "mean"), [7.5, 23.5])

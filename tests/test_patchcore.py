@@ -13,6 +13,7 @@ from scipy.ndimage import gaussian_filter
 
 from patchline.models.config import PatchCoreConfig
 from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
+from patchline.models.patchcore.nearest import reweighted_scores
 from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.scoring.detection import Detections, gather_detections
 from patchline.storage.nearest_cache import KEEP, NearestCache, bank_digest
@@ -59,7 +60,7 @@ def test_maps_are_patch_distances_upsampled_bilinearly_then_gaussian_smoothed() 
     assert np.allclose(unsmoothed, upsampled, atol=1e-5)
 
 
-def test_knn_equals_brute_force() -> None:
+def test_nearest_search_and_eq7_equal_brute_force() -> None:
     rng = np.random.default_rng(0)
     # More rows and queries than one 1,024 x 1,024 tile, so the tiling is exercised.
     bank = rng.standard_normal((2500, 152)).astype(np.float32)
@@ -68,9 +69,14 @@ def test_knn_equals_brute_force() -> None:
     brute = torch.cdist(queries.double(), torch.from_numpy(bank).double())
     expected, order = brute.sort(dim=1)
     assert np.allclose(scorer.patch_distances(queries).numpy(), expected[:, 0].numpy(), rtol=1e-4)
-    distances, indices = scorer.nearest(queries, k=5)
-    assert torch.equal(indices, order[:, :5])
-    assert np.allclose(distances.numpy(), expected[:, :5].numpy(), rtol=1e-4)
+    # Eq. 7 on the shared search: each query's nearest row m*, and the 5 bank rows nearest to m*.
+    rows = torch.from_numpy(bank).double()
+    support = torch.cdist(rows[order[:, 0]], rows).argsort(1)[:, :5]
+    support_distances = torch.linalg.vector_norm(rows[support] - queries.double()[:, None], dim=2)
+    nearest = expected[:, 0]
+    eq7 = (1 - torch.exp(nearest) / torch.exp(support_distances).sum(1)) * nearest
+    found = reweighted_scores(queries, scorer.bank, scorer.bank_sq_norms, 5)
+    assert np.allclose(found.numpy(), eq7.numpy(), rtol=1e-4)
 
 
 def test_a_grown_bank_scores_like_a_fresh_search_from_its_kept_distances(tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ import pytest
 
 from patchline.models.config import PromotionConfig
 from patchline.storage.registry import (
-    CHALLENGER, CHAMPION, DECISION_TAG, REASON_TAG, GateEvidence, OperatingPoint, apply_gate, champion_stack,
-    champion_timeline, champion_version, decide_promotion, gate_floor, promote, register_version,
-    registered_model_name, rollback)
-from patchline.storage.tracking import TEST_FINGERPRINT_TAG, configure_mlflow, line_experiment_id
+    CHALLENGER, CHAMPION, GateEvidence, OperatingPoint, apply_gate, champion_stack, champion_timeline,
+    champion_version, decide_promotion, gate_floor, promote, register_version, registered_model_name, rollback)
+from patchline.storage.tag_names import DECISION_TAG, REASON_TAG, TEST_FINGERPRINT_TAG
+from patchline.storage.tracking import configure_mlflow, line_experiment_id
 
 RULE = PromotionConfig(metric="image_auroc", tolerance=0.01, min_test_images=30)
 

@@ -42,7 +42,7 @@ def test_two_rebuilds_on_different_machine_loads_give_the_same_weights(home, tmp
             burner.kill()
             burner.wait()
     configure_mlflow()
-    assert (quiet["version"], busy["version"]) == ("1", "2")
+    assert (quiet.version, busy.version) == ("1", "2")
     first, second = (bundle_digests("repro", v, tmp_path / f"v{v}") for v in ("1", "2"))
     assert {"autoencoder.safetensors", "sdn.safetensors", "memory_bank.safetensors"} <= first.keys()
     assert first == second

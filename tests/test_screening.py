@@ -16,7 +16,8 @@ from patchline.models.config import EvaluationConfig, LineConfig, MvtecSource, P
 from patchline.models.scoring.metrics import choose_decision_detector
 from patchline.storage.line_config import save_line
 from patchline.storage.registry import champion_version, registered_model_name
-from patchline.storage.tracking import DECISION_REASON_TAG, configure_mlflow
+from patchline.storage.tag_names import DECISION_REASON_TAG
+from patchline.storage.tracking import configure_mlflow
 from tests.conftest import write_elpv_line, write_image
 
 
@@ -49,11 +50,11 @@ def test_new_defective_training_images_are_quarantined_named_and_can_be_accepted
     images, good, bad = write_elpv_line(root, train=16, test_good=12, test_cracked=12)
     config = cells_config("cells-screened", root)
     first = rebuild_product_line(config)
-    assert first["promoted"] and first["screening"].champion is None
+    assert first.promoted and first.screening.champion is None
     # A first build has no champion to screen with: it reports the images unlike the rest instead.
-    assert first["screening"].unlike is not None and first["screening"].unlike.cutoff > 0
+    assert first.screening.unlike is not None and first.screening.unlike.cutoff > 0
     client = configure_mlflow()
-    assert client.get_run(first["run_id"]).data.tags[DECISION_REASON_TAG].startswith("auto: the best image AUROC")
+    assert client.get_run(first.run_id).data.tags[DECISION_REASON_TAG].startswith("auto: the best image AUROC")
 
     # Cracked cells the line does not test on, three of those its champion flags, and one more good cell.
     spare = [images[i] for i in bad[12:40]]
@@ -65,26 +66,26 @@ def test_new_defective_training_images_are_quarantined_named_and_can_be_accepted
     assert {str(path) for path in added[:3]} <= expected
 
     second = rebuild_product_line(config)
-    screening = second["screening"]
+    screening = second.screening
     assert screening.champion == "1" and screening.screened == 4
     assert {item.path for item in screening.quarantined} == expected
     assert all(item.score >= item.threshold and item.score_unit >= 0.5 for item in screening.quarantined)
     # Neither fitted nor calibrated on: gone from the run's manifest, listed as quarantined beside it.
-    manifest = run_artifact_rows(second["run_id"], "data/manifest.csv", tmp_path / "a")
+    manifest = run_artifact_rows(second.run_id, "data/manifest.csv", tmp_path / "a")
     assert not expected & {row["source"] for row in manifest}
-    report = run_artifact_rows(second["run_id"], "data/manifest.skipped.csv", tmp_path / "b")
+    report = run_artifact_rows(second.run_id, "data/manifest.skipped.csv", tmp_path / "b")
     assert {row["path"] for row in report if row["kind"] == "quarantined"} == expected
-    table = run_artifact_rows(second["run_id"], "screening/quarantined.csv", tmp_path / "c")
+    table = run_artifact_rows(second.run_id, "screening/quarantined.csv", tmp_path / "c")
     assert {row["path"] for row in table} == expected
-    listed = {a.path for a in client.list_artifacts(second["run_id"], "screening")}
+    listed = {a.path for a in client.list_artifacts(second.run_id, "screening")}
     assert {f"screening/{row['heatmap']}" for row in table} <= listed
     # The deciding detector stays the champion's, whatever this rebuild's test AUROCs say.
-    assert second["decision_detector"] == first["decision_detector"]
-    assert second["decision_reason"].startswith("kept from champion v1")
+    assert second.decision_detector == first.decision_detector
+    assert second.decision_reason.startswith("kept from champion v1")
 
     # The same quarantined images and nothing else new: nothing to rebuild.
     third = rebuild_product_line(config)
-    assert third["skipped"] and "quarantined" in third["reason"]
+    assert third.skipped and "quarantined" in third.reason
 
     # A reviewer accepts one of them: the next rebuild passes it unscreened and fits on it.
     runner = CliRunner()
@@ -93,8 +94,8 @@ def test_new_defective_training_images_are_quarantined_named_and_can_be_accepted
     result = runner.invoke(app, ["accept", str(line_file), accepted, "--reason", "glass glare, not a crack"])
     assert result.exit_code == 0, result.output
     fourth = rebuild_product_line(config)
-    assert fourth["screening"].accepted == 1 and accepted not in {i.path for i in fourth["screening"].quarantined}
-    manifest = run_artifact_rows(fourth["run_id"], "data/manifest.csv", tmp_path / "d")
+    assert fourth.screening.accepted == 1 and accepted not in {i.path for i in fourth.screening.quarantined}
+    manifest = run_artifact_rows(fourth.run_id, "data/manifest.csv", tmp_path / "d")
     assert accepted in {row["source"] for row in manifest}
 
 
@@ -108,25 +109,25 @@ def test_a_poisoned_full_rebuild_is_rejected_unscreened_and_quarantined_screened
     config = cells_config("cells-poisoned", root)
     first = rebuild_product_line(config)
     client = configure_mlflow()
-    champion_run = client.get_run(first["run_id"]).data.metrics
+    champion_run = client.get_run(first.run_id).data.metrics
     cracks = [images[i] for i in bad[12:24]]
     for i, cell in enumerate(cracks):
         write_image(root / "train" / "good" / f"crack{i}.png", cell)
 
     unscreened = rebuild_product_line(config, screen=False)
-    assert unscreened["reuse"]["rebuild"].startswith("full rebuild: ")
-    assert not unscreened["promoted"], unscreened["reason"]
-    assert unscreened["reason"].startswith(("rule champion", "rule same_detector", "rule floor", "rule miss_rate",
+    assert unscreened.reuse["rebuild"].startswith("full rebuild: ")
+    assert not unscreened.promoted, unscreened.reason
+    assert unscreened.reason.startswith(("rule champion", "rule same_detector", "rule floor", "rule miss_rate",
                                             "rule fpr", "rule threshold_rise", "rule max_detector_drop"))
     assert champion_version(client, config.name).version == 1
 
     screened = rebuild_product_line(config)
     flags = champion_flags(config.name, cracks)
-    assert {item.path for item in screened["screening"].quarantined} == {
+    assert {item.path for item in screened.screening.quarantined} == {
         str(root / "train" / "good" / f"crack{i}.png") for i in np.flatnonzero(flags)}
-    if screened["promoted"]:
+    if screened.promoted:
         # What the screen let through did not cost the operating point more than the gate allows.
-        after = client.get_run(screened["run_id"]).data.metrics
+        after = client.get_run(screened.run_id).data.metrics
         rule = config.promotion
         assert after["miss_rate_at_threshold"] - champion_run["miss_rate_at_threshold"] <= rule.max_miss_rate_increase
 

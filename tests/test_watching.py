@@ -14,14 +14,13 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
-import pytest
 from prefect.client.orchestration import get_client
 
 from patchline.models.config import EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig
 from patchline.storage.line_config import save_line
-from patchline.storage.registry import APPROVAL_TAG, DECISION_TAG, champion_version, registered_model_name
+from patchline.storage.registry import champion_version, registered_model_name
+from patchline.storage.tag_names import APPROVAL_TAG, DECISION_TAG, FIGURE_TAG, OUTCOME_TAG, VERSION_TAG
 from patchline.storage.tracking import configure_mlflow
-from patchline.tasks.outcome import FIGURE_TAG, OUTCOME_TAG, VERSION_TAG
 from tests.conftest import write_elpv_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,24 +53,24 @@ def test_runs_are_named_and_tagged_by_outcome_and_the_review_page_names_the_test
     worse = config.model_copy(update={"evaluation": EvaluationConfig(calibration_fraction=0.25, detectors=("ae",))})
     runs["rejected"] = rebuild_product_line(worse)
     runs["unchanged"] = rebuild_product_line(config)
-    assert runs["promoted"]["promoted"] and not runs["rejected"]["promoted"] and runs["unchanged"]["skipped"]
-    rule = runs["rejected"]["reason"].split(":")[0].removeprefix("rule ").replace("_", " ")
+    assert runs["promoted"].promoted and not runs["rejected"].promoted and runs["unchanged"].skipped
+    rule = runs["rejected"].reason.split(":")[0].removeprefix("rule ").replace("_", " ")
     expected = {"promoted": ("cells-named v1 promoted", "1"), "rejected": (f"cells-named v2 rejected: {rule}", "2"),
                 "unchanged": ("cells-named unchanged", "1")}
     for outcome, result in runs.items():
-        run = client.get_run(result["run_id"])
+        run = client.get_run(result.run_id)
         name, version = expected[outcome]
         assert run.info.run_name == name and run.data.tags[OUTCOME_TAG] == outcome, (run.info.run_name, outcome)
         assert run.data.tags[VERSION_TAG] == version
         flow_run_id = run.data.tags["prefect.flow_run_id"]
         assert flow_run_name(flow_run_id) == name
-    assert client.get_run(first["run_id"]).data.tags[FIGURE_TAG].startswith("patchcore image_auroc ")
+    assert client.get_run(first.run_id).data.tags[FIGURE_TAG].startswith("patchcore image_auroc ")
     # The MLflow UI opens the line's experiment on its model-training view, not the GenAI one.
-    experiment = client.get_experiment(client.get_run(first["run_id"]).info.experiment_id)
+    experiment = client.get_experiment(client.get_run(first.run_id).info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     # The review page of the rejected version: both models, with every test file it shows named.
-    page = Path(mlflow.artifacts.download_artifacts(run_id=runs["rejected"]["run_id"],
+    page = Path(mlflow.artifacts.download_artifacts(run_id=runs["rejected"].run_id,
                                                     artifact_path="review/review.html", dst_path=str(tmp_path)))
     text = page.read_text()
     assert "challenger v2 (ae)" in text and "champion v1 (patchcore)" in text and "<img src='data:image/png" in text
@@ -131,12 +130,13 @@ def test_a_cli_rebuild_shows_every_stage_as_a_task_run_in_the_running_ui(tmp_pat
 
 
 def _rebuild_in_thread(config: LineConfig) -> tuple[threading.Thread, dict]:
+    """The rebuild runs in a thread; its result is under "result" of the returned dict once it ends."""
     from patchline.flows.rebuild import rebuild_product_line
 
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(rebuild_product_line(config, force=True)))
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=rebuild_product_line(config, force=True)))
     thread.start()
-    return thread, result
+    return thread, box
 
 
 def _paused_flow_run(line: str, timeout_s: float = 120) -> str:
@@ -164,22 +164,24 @@ def test_manual_approval_in_the_prefect_api_approve_reject_and_time_out(home, tm
     slow = config.model_copy(update={"promotion": config.promotion.model_copy(update={"approval_timeout_hours": 1.0})})
     for answer, expected_champion in (({"approve": True, "reviewer": "anna", "note": "crack recall checked"}, 2),
                                       ({"approve": False, "reviewer": "ben", "note": "too many misses"}, 2)):
-        thread, result = _rebuild_in_thread(slow)
+        thread, box = _rebuild_in_thread(slow)
         flow_run_id = _paused_flow_run(config.name)
         assert flow_run_name(flow_run_id).endswith("awaiting approval")
         assert client.get_model_version(name, str(expected_champion if answer["approve"] else 3)).tags[DECISION_TAG] \
             == "awaiting approval"
         resume_flow_run(flow_run_id, run_input=answer)
         thread.join(timeout=120)
+        result = box["result"]
         assert champion_version(client, config.name).version == expected_champion
-        tags = client.get_model_version(name, result["version"]).tags
+        tags = client.get_model_version(name, result.version).tags
         assert tags[APPROVAL_TAG].startswith(("approved by anna" if answer["approve"] else "rejected by ben"))
-        assert result["promoted"] == answer["approve"]
-        assert flow_run_name(flow_run_id).startswith(f"{config.name} v{result['version']} ")
+        assert result.promoted == answer["approve"]
+        assert flow_run_name(flow_run_id).startswith(f"{config.name} v{result.version} ")
 
     # Nobody answers: the wait ends after the line's timeout and the champion stays.
-    thread, result = _rebuild_in_thread(config)
+    thread, box = _rebuild_in_thread(config)
     thread.join(timeout=180)
-    assert not result["promoted"] and result["reason"].startswith("no answer within")
+    result = box["result"]
+    assert not result.promoted and result.reason.startswith("no answer within")
     assert champion_version(client, config.name).version == 2
-    assert client.get_model_version(name, result["version"]).tags[DECISION_TAG] == "rejected"
+    assert client.get_model_version(name, result.version).tags[DECISION_TAG] == "rejected"

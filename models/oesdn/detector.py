@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from patchline.models.config import LineConfig, OeSdnConfig
+from patchline.models.detector_spec import Detector, Fitted
 from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.oesdn.checkpoint import load_autoencoder, load_sdn, save_network
 from patchline.models.oesdn.graph import ReconstructionGraph
 from patchline.models.oesdn.scoring import score_autoencoder, score_oesdn
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
+from patchline.models.oesdn.training import train_autoencoder, train_sdn
 from patchline.models.scoring.calibration import resize_maps
 from patchline.models.scoring.detection import Detections
 
@@ -61,3 +63,24 @@ class OeSdnDetector:
     def load(cls, folder: Path, config: LineConfig, device: torch.device | None = None) -> OeSdnDetector:
         return cls(load_autoencoder(folder / AE, device), load_sdn(folder / SDN, device), config.oesdn,
                    config.image_size)
+
+
+def fit_autoencoder(config: LineConfig, images: Sequence[np.ndarray], start: Detector | None,
+                    fitted: Mapping[str, Detector]) -> Fitted:
+    """The AE baseline trained on `images`, from `start`'s autoencoder when given."""
+    network, history = train_autoencoder(images, config.oesdn, start=None if start is None else start.autoencoder)
+    return Fitted(AutoencoderDetector(network, config.oesdn, config.image_size), {"autoencoder": history})
+
+
+def fit_oesdn(config: LineConfig, images: Sequence[np.ndarray], start: Detector | None,
+              fitted: Mapping[str, Detector]) -> Fitted:
+    """The SDN trained against the AE: the AE baseline's when the line fitted one (`fitted["ae"]`), else
+    one trained here; each from `start`'s networks when given."""
+    histories = {}
+    if "ae" in fitted:
+        autoencoder = fitted["ae"].autoencoder
+    else:
+        autoencoder, histories["autoencoder"] = train_autoencoder(
+            images, config.oesdn, start=None if start is None else start.autoencoder)
+    sdn, histories["sdn"] = train_sdn(images, autoencoder, config.oesdn, start=None if start is None else start.sdn)
+    return Fitted(OeSdnDetector(autoencoder, sdn, config.oesdn, config.image_size), histories)

@@ -1,9 +1,9 @@
 """OE-SDN's and the AE baseline's scoring of one image as a traceable module, for export
-(models/export_graph.py): the steps of `oesdn.scoring._detect` and the detectors' map resize."""
+(models/export_graph.py): the residual of `oesdn.scoring`, its map and score by the same functions, and the
+detectors' map resize."""
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from patchline.models.config import OeSdnConfig
 from patchline.models.images import resize_exportable
 from patchline.models.oesdn.autoencoder import ConvAutoencoder
 from patchline.models.oesdn.sdn import StyleDistillationNetwork
-from patchline.models.oesdn.ssim import gaussian_blur
+from patchline.models.oesdn.scoring import image_scores, smoothed_map
 
 
 class ReconstructionGraph(nn.Module):
@@ -32,17 +32,8 @@ class ReconstructionGraph(nn.Module):
             batch = batch.mean(1, keepdim=True)
         batch = batch.clamp(0.0, 1.0)
         reference = batch if self.sdn is None else self.sdn(batch)
-        anomaly = (reference - self.autoencoder(batch)).abs().mean(dim=1, keepdim=True)
-        if config.smoothing_sigma > 0:
-            anomaly = gaussian_blur(anomaly, config.smoothing_sigma, math.ceil(3 * config.smoothing_sigma))
-        flat = anomaly.flatten(1)
-        if config.image_score == "max":
-            score = flat.amax(1)
-        elif config.image_score == "mean":
-            score = flat.mean(1)
-        else:
-            top_k = max(1, round(config.score_top_fraction * flat.shape[1]))
-            score = flat.topk(top_k, dim=1).values.mean(1)
+        anomaly = smoothed_map((reference - self.autoencoder(batch)).abs(), config)
+        score = image_scores(anomaly, config.image_score, config.score_top_fraction)
         if config.image_size != self.map_size:
             anomaly = F.interpolate(anomaly, size=(self.map_size, self.map_size), mode="bilinear", align_corners=False)
         return score, anomaly[:, 0]

@@ -40,36 +40,42 @@ def score_autoencoder(autoencoder: ConvAutoencoder, images: Sequence[np.ndarray]
     raise ValueError(f"residual must be 'l2' or 'ssim', got {residual!r}")
 
 
-def image_scores(maps: np.ndarray, rule: str = "max", top_fraction: float = 0.01) -> np.ndarray:
-    """(N, H, W) anomaly maps → (N,) image scores: each map's maximum, the mean of its largest
-    `top_fraction` of pixels ("top_k_mean"), or its mean."""
-    flat = maps.reshape(len(maps), -1)
-    if not len(flat):
-        return np.empty(0, dtype=maps.dtype)
+def image_scores(maps: torch.Tensor, rule: str = "max", top_fraction: float = 0.01) -> torch.Tensor:
+    """(N, ...) anomaly maps → (N,) image scores: each map's maximum, the mean of its largest
+    `top_fraction` of pixels ("top_k_mean"), or its mean. The export graph scores with it too."""
+    flat = maps.flatten(1)
     if rule == "max":
-        return flat.max(axis=1)
+        return flat.amax(1)
     if rule == "mean":
-        return flat.mean(axis=1)
+        return flat.mean(1)
     if rule != "top_k_mean":
         raise ValueError(f"image score rule must be 'max', 'top_k_mean' or 'mean', got {rule!r}")
     if not 0 < top_fraction <= 1:
         raise ValueError(f"top_fraction must lie in (0, 1], got {top_fraction}")
     top_k = max(1, round(top_fraction * flat.shape[1]))
-    return np.partition(flat, flat.shape[1] - top_k, axis=1)[:, -top_k:].mean(axis=1)
+    return flat.topk(top_k, dim=1).values.mean(1)
+
+
+def smoothed_map(residual: torch.Tensor, config: OeSdnConfig) -> torch.Tensor:
+    """A (N, C, S, S) residual → the (N, 1, S, S) anomaly map: its mean over channels, Gaussian-smoothed."""
+    anomaly = residual.float().mean(dim=1, keepdim=True)
+    if config.smoothing_sigma > 0:
+        anomaly = gaussian_blur(anomaly, config.smoothing_sigma, math.ceil(3 * config.smoothing_sigma))
+    return anomaly
 
 
 def _detect(residual: MapFunction, model: torch.nn.Module, images: Sequence[np.ndarray],
             config: OeSdnConfig) -> Detections:
     device = next(model.parameters()).device
-    maps = []
+    maps, scores = [], []
     with torch.no_grad():
         for start in tqdm(range(0, len(images), config.batch_size), desc="reconstruction scoring", unit="batch",
                           disable=None, leave=False):
             batch = images_to_tensor(images[start:start + config.batch_size], config.image_size, config.channels)
-            anomaly = residual(batch.to(device)).float().mean(dim=1, keepdim=True)
-            if config.smoothing_sigma > 0:
-                anomaly = gaussian_blur(anomaly, config.smoothing_sigma, math.ceil(3 * config.smoothing_sigma))
+            anomaly = smoothed_map(residual(batch.to(device)), config)
             maps.append(anomaly[:, 0].cpu().numpy())
+            scores.append(image_scores(anomaly, config.image_score, config.score_top_fraction).cpu().numpy())
     size = config.image_size
-    all_maps = np.concatenate(maps) if maps else np.empty((0, size, size), dtype=np.float32)
-    return Detections(scores=image_scores(all_maps, config.image_score, config.score_top_fraction), maps=all_maps)
+    if not maps:
+        return Detections(scores=np.empty(0, np.float32), maps=np.empty((0, size, size), dtype=np.float32))
+    return Detections(scores=np.concatenate(scores), maps=np.concatenate(maps))

@@ -24,11 +24,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from patchline.models.config import PatchCoreConfig
 from patchline.models.images import pick_device
+from patchline.models.patchcore.nearest import nearest_distances_sq, squared_norms
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROJECTION_DIM = 128
+# One default: the line config's (`patchcore.projection_dim`), for callers without a line config.
+DEFAULT_PROJECTION_DIM = PatchCoreConfig.model_fields["projection_dim"].default
 # Every chunked distance computation holds at most this many row-to-centre distances at once.
 _TILE = 1 << 22
 _PROJECTION_ROWS = 1 << 16
@@ -234,9 +237,9 @@ def default_partitions(n_rows: int) -> int:
     """Partitions for `n_rows`: about 16,000 rows each.
 
     A partition's greedy costs (rows x picks), both a 1/p share, so more partitions are quadratically
-    cheaper; but picks near partition boundaries duplicate a neighbour's coverage. Measured on real
-    ELPV patch features (100k rows; coreset 1% and 10%), ~16.7k rows per partition gave 1.05x and
-    1.06x the exact greedy's projected radius, ~4.2k rows 1.10x at 10%.
+    cheaper; but picks near partition boundaries duplicate a neighbour's coverage. On real ELPV patch
+    features about 16,000 rows kept the radius close to the exact greedy's, a quarter of that did not
+    (benchmarks/README.md, "Figures behind settings in the code").
     """
     return max(1, min(256, round(n_rows / 16384)))
 
@@ -417,22 +420,15 @@ def _nearest_centre(rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 
 def _min_sq(rows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Squared distance from every row to its nearest centre, in tiles of bounded size.
+    """Squared distance from every row to its nearest centre (PatchCore's one search,
+    models/patchcore/nearest.py), in tiles of bounded size.
 
     Beyond `_CENTRE_TILE` centres the tiles are square, rows x centres: a tile's centres then stay in
     cache while a block of rows is measured against them, where a few rows against every centre would
     reread all centres from memory for each few rows."""
     centre_tile = min(len(centres), _CENTRE_TILE)
     row_tile = max(1, _TILE // len(centres)) if len(centres) <= _CENTRE_TILE else _CENTRE_TILE
-    centre_norms = centres.square().sum(1)
-    nearest_sq = torch.full((len(rows),), math.inf, dtype=rows.dtype, device=rows.device)
-    for s in range(0, len(rows), row_tile):
-        block, best = rows[s:s + row_tile], nearest_sq[s:s + row_tile]
-        for c in range(0, len(centres), centre_tile):
-            cross = torch.addmm(centre_norms[c:c + centre_tile], block, centres[c:c + centre_tile].T, alpha=-2.0)
-            torch.minimum(best, cross.amin(1), out=best)
-        best += block.square().sum(1)
-    return nearest_sq.clamp_(min=0.0)
+    return nearest_distances_sq(rows, centres, squared_norms(centres), row_tile, centre_tile)
 
 
 def _max_min_sq(rows: torch.Tensor, centres: torch.Tensor, bounds_sq: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
 """PatchCore's scoring of one image as a traceable module, for export (models/export_graph.py).
 
-The same steps as `PatchFeatureExtractor.extract` and `PatchCoreScorer.score`, written for one image
-without their batching and threads (ONNX has no such things); the search keeps a tiling of its own.
+The feature steps of `PatchFeatureExtractor.extract` written for one image without its batching and
+threads (ONNX has no such things); the search and eq. 7 are the scorer's own functions
+(models/patchcore/nearest.py), on one query tile of all the image's patches.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from torch import nn
 
 from patchline.models.images import imagenet_normalize, resize_exportable
 from patchline.models.patchcore.memory_bank import PatchCoreScorer
+from patchline.models.patchcore.nearest import nearest_distances_sq, reweighted_scores
 from patchline.models.patchcore.patch_features import PatchFeatureExtractor, locally_aware_features, median_to_mid_grey
 
-
+# Bank rows per GEMM in the exported graph: each tile's product of all the image's patches stays in cache.
 _BANK_TILE = 2048
 
 
@@ -40,27 +42,8 @@ class PatchCoreGraph(nn.Module):
             if index in self.taps:
                 tapped.append(x)
         patches = locally_aware_features(tapped, self.config, self.grid)[0]
-        distances = self._nearest_sq_tiled(patches).clamp_min(0.0).sqrt()
+        distances = nearest_distances_sq(patches, self.bank, self.bank_sq_norms, len(patches), _BANK_TILE).sqrt()
         worst = patches[distances.argmax()][None]
-        worst_sq = self._nearest_sq(worst)[0]
-        matched = worst_sq.argmin()
-        nearest = worst_sq[matched].clamp_min(0.0).sqrt()
-        around = self.bank_sq_norms - 2.0 * (self.bank[matched][None] @ self.bank.T)[0]
-        support = around.topk(self.config.reweight_neighbours, largest=False).indices
-        support_distances = torch.linalg.vector_norm(self.bank[support] - worst, dim=1)
-        score = (1.0 - torch.exp(nearest - torch.logsumexp(support_distances, dim=0))) * nearest
+        score = reweighted_scores(worst, self.bank, self.bank_sq_norms, self.config.reweight_neighbours)
         heat = self.map_rows @ distances.view(self.grid) @ self.map_columns.T
-        return score[None], heat[None]
-
-    def _nearest_sq_tiled(self, queries: torch.Tensor) -> torch.Tensor:
-        """(Q, D) → (Q,) squared distance to the nearest bank row, `_BANK_TILE` rows at a time: the whole
-        (Q, M) product would be written to memory and read back, each tile's stays in cache. One `addmm`
-        a tile (ONNX Gemm with the norms as its bias) rather than a product and a subtraction."""
-        partial = [torch.addmm(self.bank_sq_norms[start:start + _BANK_TILE][None], queries,
-                               self.bank[start:start + _BANK_TILE].T, alpha=-2.0).amin(1)
-                   for start in range(0, len(self.bank), _BANK_TILE)]
-        return torch.stack(partial).amin(0) + (queries * queries).sum(1)
-
-    def _nearest_sq(self, queries: torch.Tensor) -> torch.Tensor:
-        """(Q, D) → (Q, M) squared distances to every bank row."""
-        return (queries * queries).sum(1, keepdim=True) + self.bank_sq_norms[None] - 2.0 * queries @ self.bank.T
+        return score, heat[None]

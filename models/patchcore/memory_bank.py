@@ -20,6 +20,7 @@ from safetensors.numpy import save
 
 from patchline.models.config import PatchCoreConfig
 from patchline.models.images import pick_device
+from patchline.models.patchcore.nearest import nearest_distances_sq, reweighted_scores, squared_norms
 from patchline.models.scoring.detection import Detections
 from patchline.models.tensor_files import write_tensor_file
 
@@ -85,47 +86,29 @@ class PatchCoreScorer:
         self.reweight_neighbours = bank.config.reweight_neighbours
         self.smoothing_sigma = bank.config.smoothing_sigma
         self.bank = torch.from_numpy(bank.features).to(self.device)
-        self.bank_sq_norms = (self.bank * self.bank).sum(1)
+        self.bank_sq_norms = squared_norms(self.bank)
         self._query_tile, self._bank_tile = CUDA_TILES if self.device.type == "cuda" else CPU_TILES
         self._map_operators: dict[tuple[int, int], torch.Tensor] = {}
 
     def patch_distances(self, queries: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """(Q, D) queries → (Q,) Euclidean distance to the nearest bank row from `first_row` on."""
         queries = queries.to(self.device, torch.float32)
+        rows, sq_norms = self.bank[first_row:], self.bank_sq_norms[first_row:]
+
+        def search(chunk: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return nearest_distances_sq(chunk, rows, sq_norms, self._query_tile, self._bank_tile)
+
         chunks = queries.split(self._query_tile)
         if self.device.type == "cpu" and len(chunks) > 1:
             # Whole query chunks per thread, not OpenMP inside each small GEMM: on shared cores the
-            # latter spent most of its CPU spinning at barriers (3.4 vs 20 images per CPU-second).
+            # latter spent most of its CPU spinning at barriers (benchmarks/README.md, "PatchCore throughput").
             with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-                nearest = list(pool.map(lambda chunk: self._squared_distance_offsets(chunk, first_row), chunks))
+                found = list(pool.map(search, chunks))
         else:
-            nearest = [self._squared_distance_offsets(chunk, first_row) for chunk in chunks]
+            found = [search(chunk) for chunk in chunks]
         with torch.inference_mode():
-            offsets = torch.cat(nearest) if nearest else torch.empty(0, device=self.device)
-            return (offsets + (queries * queries).sum(1)).clamp_min_(0.0).sqrt_()
-
-    def _squared_distance_offsets(self, queries: torch.Tensor, first_row: int) -> torch.Tensor:
-        """min over bank rows of ‖b‖² − 2 q·b, a bank tile at a time so each tile's GEMM output stays in cache."""
-        tiles = zip(self.bank[first_row:].split(self._bank_tile),
-                    self.bank_sq_norms[first_row:].split(self._bank_tile))
-        with torch.inference_mode():
-            best = torch.full((len(queries),), torch.inf, device=self.device)
-            for rows, sq_norms in tiles:
-                torch.minimum(best, torch.addmm(sq_norms, queries, rows.T, alpha=-2.0).amin(1), out=best)
-            return best
-
-    def nearest(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, D) queries → distances (Q, k) and indices (Q, k) of their k nearest bank rows, nearest first."""
-        k = min(k, len(self.bank))
-        queries = queries.to(self.device, torch.float32)
-        with torch.inference_mode():
-            distances, indices = [], []
-            for chunk in queries.split(self._query_tile):
-                partial = torch.addmm(self.bank_sq_norms, chunk, self.bank.T, alpha=-2.0)
-                values, index = partial.topk(k, dim=1, largest=False)
-                distances.append((values + (chunk * chunk).sum(1, keepdim=True)).clamp_min_(0.0).sqrt_())
-                indices.append(index)
-            return torch.cat(distances), torch.cat(indices)
+            return (torch.cat(found) if found else torch.empty(0, device=self.device)).sqrt_()
 
     def score(self, features: np.ndarray | torch.Tensor, grid: tuple[int, int], image_size: int) -> Detections:
         """(N, H*W, D) patch features on `grid` (H, W) → image scores and (N, S, S) maps, S = `image_size`."""
@@ -160,22 +143,11 @@ class PatchCoreScorer:
         """Eq. 7 image scores and smoothed (N, S, S) maps from checked features and their patch distances."""
         height, width = grid
         with torch.inference_mode():
-            scores = self._reweighted_scores(features, distances)
+            worst = features[torch.arange(len(features), device=self.device), distances.argmax(1)]
+            scores = reweighted_scores(worst, self.bank, self.bank_sq_norms, self.reweight_neighbours)
             maps = (self.map_operator(height, image_size) @ distances.view(-1, height, width)
                     @ self.map_operator(width, image_size).T)
         return Detections(scores.cpu().numpy(), maps.cpu().numpy())
-
-    def _reweighted_scores(self, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-        """Eq. 7: s = (1 − exp‖q* − m*‖ / Σ_{m ∈ N_b(m*)} exp‖q* − m‖) · ‖q* − m*‖ for each image's
-        most distant patch q* and its nearest bank row m*, N_b(m*) = the b bank rows nearest to m*."""
-        worst = features[torch.arange(len(features), device=self.device), distances.argmax(1)]
-        # Only these N patches need their nearest row's index, so the bulk search keeps distances only.
-        nearest, matched = self.nearest(worst)
-        _, support = self.nearest(self.bank[matched[:, 0]], self.reweight_neighbours)
-        support_distances = torch.linalg.vector_norm(self.bank[support] - worst[:, None], dim=2)
-        # exp(d*) / Σ exp(d) as exp(d* − logsumexp(d)): distances of a few hundred would overflow exp.
-        weight = 1.0 - torch.exp(nearest[:, 0] - torch.logsumexp(support_distances, dim=1))
-        return weight * nearest[:, 0]
 
     def map_operator(self, cells: int, size: int) -> torch.Tensor:
         """(size, cells): bilinear upsampling of `cells` values to `size`, then a Gaussian blur (σ =

@@ -56,8 +56,8 @@ def locally_aware_features(maps: list[torch.Tensor], config: PatchCoreConfig, gr
     """The tapped stages' maps → (N, H*W, D) patch features on `grid`."""
     size = config.neighbourhood
     # Zero padding counted in the average (as PatchCore's reference pooling does) damps border
-    # patches. Averaging only the in-map pixels instead measured lower on elpv-mono at the peer
-    # settings of issue 10: image AUROC 0.9386 / 0.9393 vs 0.9460 / 0.9473 (exact greedy, seeds 0 / 1).
+    # patches. Averaging only the in-map pixels instead measured lower on elpv-mono
+    # (benchmarks/README.md, "Figures behind settings in the code").
     pooled = [F.avg_pool2d(m, size, stride=1, padding=size // 2, count_include_pad=True) for m in maps]
     upsampled = [pooled[0]] + [F.interpolate(p, size=grid, mode="bilinear", align_corners=False) for p in pooled[1:]]
     features = torch.cat(upsampled, dim=1).permute(0, 2, 3, 1).flatten(1, 2)

@@ -233,7 +233,7 @@ def _defect_pixel_ranks(maps: ArrayLike, masks: ArrayLike, keep: np.ndarray | No
 
     Exact and streaming: only the defect pixels are held (sorted once); normal pixels pass through in
     chunks, each chunk sorted and counted against them. Memory: a few tens of bytes per defect pixel plus
-    one chunk (measured: +0.28 GB peak for 2,000 float32 256×256 maps with 1.2 % defect pixels).
+    one chunk (measured: benchmarks/README.md, "Figures behind settings in the code").
     """
     maps, masks = (array if hasattr(array, "shape") else np.asarray(array) for array in (maps, masks))
     keep = np.ones(maps.shape[0], bool) if keep is None else keep

@@ -39,3 +39,18 @@ def detector_unit_scores(name: str, scores: ArrayLike, thresholds: dict[str, flo
     if not slopes or name not in slopes:
         return np.full(len(scores), np.nan, np.float32)
     return unit_scores(scores, thresholds[name], slopes[name])
+
+
+def line_output(scores: dict[str, np.ndarray], decider: str, decider_maps: np.ndarray, thresholds: dict[str, float],
+                slopes: dict[str, float] | None) -> dict[str, np.ndarray]:
+    """What a line's model returns for N images, from every detector's scores (N,) and the deciding
+    detector's maps (N, S, S): `score`, `decision`, `threshold`, `anomaly_map` and `score_unit` of the
+    deciding detector, and `score_<detector>`, `score_unit_<detector>` of each. The pyfunc and
+    `patchline.runtime` both build their result here."""
+    chosen, threshold = scores[decider], thresholds[decider]
+    output = {"score": chosen, "decision": chosen >= threshold,
+              "threshold": np.full(len(chosen), threshold, np.float32), "anomaly_map": decider_maps, "score_unit": detector_unit_scores(decider, chosen, thresholds, slopes)}
+    output.update({f"score_{name}": values for name, values in scores.items()})
+    output.update({f"score_unit_{name}": detector_unit_scores(name, values, thresholds, slopes)
+                   for name, values in scores.items()})
+    return output

@@ -1,0 +1,82 @@
+"""Fitting and scoring any registered detector (models/detectors.py): one task each, named by detector.
+
+Detectors that fit on images are fitted here, in the registry's order (`after`), each from the champion's
+when the rebuild is incremental and the detector warm-starts. PatchCore fits from the line's patch-feature
+store instead (tasks/patchcore.py), and scores from it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from patchline.models.config import LineConfig
+from patchline.models.detector_spec import Detector
+from patchline.models.detectors import DETECTORS, fitting_order
+from patchline.models.scoring.detection import Detections
+from patchline.models.process import stopwatch
+from patchline.storage.manifest import ManifestRow
+from patchline.storage.pixels import PixelRows
+from patchline.tasks.incremental import Reuse
+
+
+@dataclass(frozen=True)
+class FittedDetector:
+    """A detector fitted in this rebuild: the per-epoch losses of its networks, its time, and what it reused."""
+
+    detector: Detector
+    histories: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """The enabled detectors by how they are fitted: from the patch-feature store, or from images in order."""
+
+    from_features: list[str]
+    from_images: list[str]
+
+    def after(self, name: str) -> list[str]:
+        """The detectors fitted from images that `name` waits for."""
+        return [earlier for earlier in DETECTORS[name].after if earlier in self.from_images]
+
+
+def plan_fits(config: LineConfig) -> FitPlan:
+    ordered = fitting_order(config.evaluation.detectors)
+    return FitPlan([name for name in ordered if DETECTORS[name].fit is None],
+                   [name for name in ordered if DETECTORS[name].fit is not None])
+
+
+@task(name="fit-detector", task_run_name="fit-{name}", cache_policy=NO_CACHE)
+def fit_detector_task(config: LineConfig, name: str, rows: list[ManifestRow], fitted: dict[str, FittedDetector],
+                      reuse: Reuse | None = None) -> FittedDetector:
+    """One detector fitted on the line's good fit images, or warm-started from the champion's on its new and
+    replayed ones; `fitted` holds the detectors of its `after` fitted earlier in this rebuild."""
+    spec = DETECTORS[name]
+    start = reuse.detector.detectors.get(name) if spec.warm_start and reuse is not None and reuse.incremental else None
+    note = ""
+    if start is not None:
+        replayed = reuse.replayed(config.oesdn.seed)
+        note = (f"warm-started from champion v{reuse.version} on its {len(reuse.new_fit)} new fit images and "
+                f"{len(replayed) - len(reuse.new_fit)} replayed old ones")
+        rows = replayed
+    elif spec.warm_start:
+        note = f"trained from scratch on {len(rows)} fit images"
+    with stopwatch() as elapsed:
+        result = spec.fit(config, PixelRows(rows), start, {key: value.detector for key, value in fitted.items()})
+    logger = get_run_logger()
+    for network, history in result.histories.items():
+        best_val = min(history["val_loss"]) if history.get("val_loss") else float("nan")
+        logger.info("%s: %s %d epochs, last train loss %.4g, best val loss %.4g", name, network,
+                    len(history["train_loss"]), history["train_loss"][-1], best_val)
+    logger.info("%s: fitted in %.0f s%s", name, elapsed[0], f" ({note})" if note else "")
+    return FittedDetector(result.detector, result.histories, elapsed[0], note)
+
+
+@task(name="score-detector", task_run_name="score-{name}", cache_policy=NO_CACHE)
+def score_detector_task(name: str, detector: Detector, rows: list[ManifestRow]) -> Detections:
+    """Detections of `rows` by one fitted detector, from their pixels."""
+    return detector.score(PixelRows(rows))
