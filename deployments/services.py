@@ -21,13 +21,12 @@ from typing import NoReturn
 
 from patchline.storage.paths import patchline_home
 from patchline.storage.registry import CHAMPION, registered_model_name
+from patchline.storage.serving import MODEL_URI_ENV, ServingLimits
 from patchline.storage.tracking import artifact_root, tracking_uri
 
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-# The servers run as `python -m <tool>` of this interpreter; this folder holds the tools they run by name.
-_BIN = Path(sys.executable).parent
 _LOG_TAIL_LINES = 20
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -187,25 +186,26 @@ def start_mlflow_server(port: int) -> Service:
     return _launch("MLflow server", argv, env, port, "/health")
 
 
-def start_model_server(line: str, port: int, version: str | None = None) -> Service:
-    """`mlflow models serve` of the line's champion (or `version`) in this environment; not yet healthy."""
+def start_model_server(line: str, port: int, version: str | None = None,
+                       limits: ServingLimits | None = None) -> Service:
+    """The line's champion (or `version`) served by patchline's scoring app (storage/serving.py: MLflow's
+    scoring protocol within `limits`) under uvicorn, in this environment; not yet healthy."""
     name = registered_model_name(line)
     model_uri = f"models:/{name}/{version}" if version else f"models:/{name}@{CHAMPION}"
-    # MLflow runs `uvicorn` by name, which is in this environment's bin folder, not necessarily on PATH.
-    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    argv = [sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", model_uri, "--env-manager", "local",
-            "--host", HOST, "--port", str(port), "--workers", "1"]
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "MLFLOW_DISABLE_TELEMETRY": "true", MODEL_URI_ENV: model_uri,
+           **(limits or ServingLimits()).environment()}
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "patchline.storage.serving:create_app", "--host", HOST,
+            "--port", str(port), "--workers", "1", "--no-access-log"]
     return _launch(f"model server {line}", argv, env, port, "/ping")
 
 
 @contextmanager
-def serving_model(line: str, port: int = 5001, version: str | None = None,
-                  timeout_s: float = 180.0) -> Iterator[Service]:
+def serving_model(line: str, port: int = 5001, version: str | None = None, timeout_s: float = 180.0,
+                  limits: ServingLimits | None = None) -> Iterator[Service]:
     """The line's model served and healthy inside the block, stopped when it exits (however it exits)."""
     if port_in_use(port):
         raise ValueError(f"port {port}: {HOST}:{port} is already in use; stop that server or choose another port")
-    server = start_model_server(line, port, version)
+    server = start_model_server(line, port, version, limits)
     try:
         wait_until_healthy((server,), timeout_s)
         yield server

@@ -230,16 +230,29 @@ def serve_command(
     line: LineArg,
     port: Annotated[int, typer.Option(help="Port of the model's REST API.")] = 5001,
     version: Annotated[str | None, typer.Option(help="Model version to serve; default: the champion.")] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body; a larger one gets 413.")] = 32.0,
+    max_request_pixels: Annotated[int, typer.Option(
+        help="Decoded pixels one request's images may come to; more gets 413.")] = 40_000_000,
+    max_concurrent: Annotated[int, typer.Option(help="Requests scored at once; one more gets 429.")] = 2,
+    allow_path_root: Annotated[Path | None, typer.Option(
+        help="Let requests name image files ({'path': [...]}) under this folder; off by default.")] = None,
 ) -> None:
-    """Serve the line's champion over MLflow's REST API on 127.0.0.1 (POST /invocations); Ctrl-C stops it."""
+    """Serve the line's champion over MLflow's REST API on 127.0.0.1 (POST /invocations), within limits;
+    Ctrl-C stops it."""
     _require_home()
     from patchline.deployments.services import ServiceError, block_until_one_exits, serving_model
+    from patchline.storage.serving import ServingLimits
 
+    if min(max_body_mb, max_request_pixels, max_concurrent) <= 0:
+        _fail(ValueError("--max-body-mb, --max-request-pixels and --max-concurrent must be above 0"))
+    if allow_path_root is not None and not allow_path_root.is_dir():
+        _fail(ValueError(f"--allow-path-root {allow_path_root}: not a folder"))
+    limits = ServingLimits(round(max_body_mb * 2**20), max_request_pixels, max_concurrent, allow_path_root)
     config = _load(line)
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with serving_model(config.name, port, version) as server:
+        with serving_model(config.name, port, version, limits=limits) as server:
             typer.echo(f"Serving {config.name} {'v' + version if version else '@champion'}: POST {server.url}/invocations")
             typer.echo("Ctrl-C stops it.")
             block_until_one_exits((server,))

@@ -105,6 +105,18 @@ def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
     return _decode(io.BytesIO(data), name)
 
 
+def encoded_image_pixels(data: bytes, name: str) -> int:
+    """Width x height of an encoded image, from its header alone (nothing is decoded)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except UnidentifiedImageError:
+        raise BadImageError(name, "not an image (unrecognised format)") from None
+    except Exception as error:  # noqa: BLE001  a malformed header can make PIL raise almost anything
+        raise BadImageError(name, f"truncated or corrupt image ({type(error).__name__}: {error})") from None
+    return width * height
+
+
 def _decode(file: BinaryIO, name: Path | str) -> np.ndarray:
     limit = max_image_pixels()
     try:

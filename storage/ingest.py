@@ -27,7 +27,9 @@ def build_manifest(config: LineConfig) -> Manifest:
         log.warning("skipping %s: %s", item.path, item.reason)
     for item in scan.ignored:
         log.info("ignoring %s: %s", item.path, item.reason)
-    manifest = Manifest(config.name, scan.rows, scan.problems, scan.ignored)
+    for item in scan.linked:
+        log.warning("%s: %s", item.path, item.reason)
+    manifest = Manifest(config.name, scan.rows, scan.problems, scan.ignored, linked=scan.linked)
     missing = requirements_missing(config, manifest)
     if missing:
         skipped = [f"  skipped {item.path}: {item.reason}" for item in scan.problems]

@@ -53,6 +53,8 @@ class SourceScan:
     rows: list[ManifestRow]
     problems: list[SkippedFile]
     ignored: list[SkippedFile] = field(default_factory=list)
+    # Symbolic links that leave the line's folder: used, and their rows name the target.
+    linked: list[SkippedFile] = field(default_factory=list)
 
 
 @dataclass
@@ -63,12 +65,14 @@ class Manifest:
     ignored: list[SkippedFile] = field(default_factory=list)
     # Good training images the champion called anomalous: not fitted or calibrated on (tasks/screening.py).
     quarantined: list[SkippedFile] = field(default_factory=list)
+    # Symbolic links that leave the line's folder: used, and their rows name the target.
+    linked: list[SkippedFile] = field(default_factory=list)
 
     def without(self, ids: set[str], reasons: dict[str, str]) -> Manifest:
         """The manifest with the rows of `ids` moved to `quarantined`, each with its reason by id."""
         moved = [SkippedFile(row.source, reasons[row.id]) for row in self.rows if row.id in ids]
         return Manifest(self.line, [row for row in self.rows if row.id not in ids], self.skipped, self.ignored,
-                        self.quarantined + moved)
+                        self.quarantined + moved, self.linked)
 
     def select(self, split: Split | None = None, label: Label | None = None) -> list[ManifestRow]:
         """Rows of one split and/or label, in manifest order."""
@@ -103,6 +107,9 @@ class Manifest:
         if self.quarantined:
             lines.append(f"  quarantined {len(self.quarantined)} training images:")
             lines += [f"    {item.path}: {item.reason}" for item in self.quarantined]
+        if self.linked:
+            lines.append(f"  {len(self.linked)} links leave the line's folder (used; the manifest names the target):")
+            lines += [f"    {item.path}: {item.reason}" for item in self.linked]
         return "\n".join(lines)
 
     def write_csv(self, path: Path) -> Path:
@@ -119,6 +126,7 @@ class Manifest:
             writer.writerows({**asdict(item), "kind": "bad input"} for item in self.skipped)
             writer.writerows({**asdict(item), "kind": "ignored"} for item in self.ignored)
             writer.writerows({**asdict(item), "kind": "quarantined"} for item in self.quarantined)
+            writer.writerows({**asdict(item), "kind": "linked"} for item in self.linked)
         return path
 
 

@@ -28,8 +28,9 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from patchline.models.scoring.unit_scale import line_output
 from patchline.runtime import METADATA, ExportedLine, fastest_runtime, installed, passed_runtimes
-from patchline.storage.image_files import decode_image_bytes
+from patchline.storage.image_files import decode_image_bytes, encoded_image_pixels
 from patchline.storage.pixels import read_pixels
+from patchline.storage.serving import MAX_REQUEST_PIXELS_ENV, PATH_ROOT_ENV, SERVING_ENV, RequestTooLargeError
 
 BUNDLE_ARTIFACT, EXPORT_ARTIFACT = "bundle", "export"
 TORCH = "torch"
@@ -94,15 +95,45 @@ SIGNATURE = ModelSignature(outputs=Schema([
     TensorSpec(np.dtype(np.float32), (-1,), "score_unit")]))
 
 
+class _PixelBudget:
+    """The pixels a served request may still decode; no limit in process (`PATCHLINE_SERVING` unset)."""
+
+    def __init__(self) -> None:
+        self.limit = int(os.environ[MAX_REQUEST_PIXELS_ENV]) if os.environ.get(SERVING_ENV) else None
+        self.used = 0
+
+    def take(self, pixels: int, name: str) -> None:
+        self.used += pixels
+        if self.limit is not None and self.used > self.limit:
+            raise RequestTooLargeError(f"{name}: the request's images come to more than the server's limit of "
+                                       f"{self.limit:,} decoded pixels ({MAX_REQUEST_PIXELS_ENV}); send fewer "
+                                       "or smaller images per request")
+
+
+def _served_path(path) -> str:
+    """A `path` input: any path in process; on a server only paths under its allowed root, and the same
+    answer for one outside it whether or not it exists."""
+    if not os.environ.get(SERVING_ENV):
+        return str(path)
+    root = os.environ.get(PATH_ROOT_ENV)
+    if not root:
+        raise ValueError("path inputs are off on this server: send the images themselves ({'image': [...]}), or "
+                         "start the server with --allow-path-root DIR to score image files under DIR")
+    if not Path(os.path.abspath(path)).resolve().is_relative_to(root):
+        raise ValueError(f"path {str(path)[:200]!r} is outside the folder this server may read")
+    return str(path)
+
+
 def as_images(model_input) -> list[np.ndarray]:
     """Every accepted model input (see `PatchlineModel`) → a list of uint8 images."""
+    budget = _PixelBudget()
     if hasattr(model_input, "columns"):  # a pandas DataFrame
         model_input = {column: list(model_input[column]) for column in model_input.columns}
     if isinstance(model_input, dict):
         if "image" in model_input:
-            return [_decoded(item, index) for index, item in enumerate(_items(model_input["image"]))]
+            return [_decoded(item, index, budget) for index, item in enumerate(_items(model_input["image"]))]
         if "path" in model_input:
-            return [read_pixels(str(path)) for path in _items(model_input["path"])]
+            return [read_pixels(_served_path(path)) for path in _items(model_input["path"])]
         raise ValueError(f"model input as a mapping needs an 'image' or a 'path' entry, got {sorted(model_input)}")
     if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "USO":
         model_input = list(model_input)
@@ -111,7 +142,7 @@ def as_images(model_input) -> list[np.ndarray]:
             raise ValueError(f"a pixel array must be (N, H, W) or (N, H, W, C), got shape {model_input.shape}")
         return list(_uint8(model_input, "the input"))
     if isinstance(model_input, (list, tuple)) and all(isinstance(p, (str, Path)) for p in model_input):
-        return [read_pixels(str(p)) for p in model_input]
+        return [read_pixels(_served_path(p)) for p in model_input]
     if isinstance(model_input, (list, tuple)):
         return [_uint8(np.asarray(image), f"image {index}") for index, image in enumerate(model_input)]
     raise ValueError("model input must be pixels (a uint8 array or a list of images), {'image': [encoded files]} "
@@ -132,7 +163,7 @@ def _uint8(pixels: np.ndarray, what: str) -> np.ndarray:
     return pixels.astype(np.uint8)
 
 
-def _decoded(item, index: int) -> np.ndarray:
+def _decoded(item, index: int, budget: _PixelBudget) -> np.ndarray:
     name = f"image {index}"
     if isinstance(item, str):
         try:
@@ -141,6 +172,7 @@ def _decoded(item, index: int) -> np.ndarray:
             raise ValueError(f"{name}: not base64 text of an image file") from None
     if not isinstance(item, (bytes, bytearray)):
         raise ValueError(f"{name}: expected the bytes (or base64 text) of an image file, got {type(item).__name__}")
+    budget.take(encoded_image_pixels(bytes(item), name), name)
     return decode_image_bytes(bytes(item), name)
 
 

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -99,8 +100,8 @@ def post_json(url: str, body: dict) -> tuple[int, dict]:
 
 
 def test_champion_is_served_over_mlflow_rest_and_scores_as_in_process(first_rebuild):
-    """`mlflow models serve -m models:/patchline-<line>@champion`: pixels as JSON lists and encoded PNG
-    files get the in-process scores back; bad pixels get a 400 that says what is wrong."""
+    """`patchline serve` speaks MLflow's scoring protocol: pixels as JSON lists, encoded PNG files and a
+    DataFrame get the in-process scores back; bad pixels get a 400 with the model's one-line reason."""
     from patchline.deployments.services import serving_model
 
     rows = [r for r in build_manifest(tiny_config()).select(split="test") if r.label != "ambiguous"][:3]
@@ -126,11 +127,76 @@ def test_champion_is_served_over_mlflow_rest_and_scores_as_in_process(first_rebu
             assert served["decision"] == expected["decision"].tolist()
             np.testing.assert_allclose(served["anomaly_map"], expected["anomaly_map"], rtol=0, atol=1e-5)
         status, answer = post_json(f"{server.url}/invocations", {"inputs": [[[0, 300], [1, 2]]]})
-        # MLflow's message is generic; the model's own reason comes in the stack trace it returns.
-        assert status == 400 and "pixel values must lie in 0..255" in json.dumps(answer), answer
-        bomb = base64.b64encode(png_claiming(14_000, 14_000)).decode()
-        status, answer = post_json(f"{server.url}/invocations", {"inputs": {"image": [bomb]}})
-        assert status == 400 and "image too large: 14000x14000" in json.dumps(answer), answer
+        assert (status, answer["message"]) == (400, "the input: pixel values must lie in 0..255, got 0..300")
+
+
+def test_the_served_model_holds_its_limits_under_a_burst(first_rebuild, tmp_path):
+    """Issue 35's probe: a 97 KB PNG of 10,000 x 10,000 px cost the server +1.5 GB, eight at once 5.65 GB;
+    errors carried stack traces with server paths; `path` inputs read any file. Now a request's images are
+    counted from their headers before any is decoded, too many requests at once get 429, a large body 413,
+    and every error body is one line of patchline's reason."""
+    import concurrent.futures
+
+    import psutil
+
+    from patchline.deployments.services import serving_model
+    from patchline.storage.serving import ServingLimits
+
+    def png(side: int, level: int) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((side, side), level, np.uint8)).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    huge, fair = png(10_000, 90), png(600, 120)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    limits = ServingLimits(max_body_bytes=2**20, max_request_pixels=2_000_000, max_concurrent=1,
+                           path_root=tmp_path / "allowed")
+    (tmp_path / "allowed").mkdir()
+    with serving_model(LINE, port, limits=limits) as server:
+        url = f"{server.url}/invocations"
+        process = psutil.Process(server.process.pid)
+        assert post_json(url, {"inputs": {"image": [fair]}})[0] == 200
+        baseline = process.memory_info().rss
+        peak, done = [baseline], threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                peak.append(process.memory_info().rss)
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            burst = list(pool.map(lambda body: post_json(url, body),
+                                  [{"inputs": {"image": [huge]}}] * 8 + [{"inputs": {"image": [fair, fair]}}] * 4))
+        done.set()
+        watcher.join()
+        answers = [answer for _, answer in burst]
+        codes = [status for status, _ in burst]
+        assert set(codes[:8]) <= {413, 429} and 413 in codes[:8], codes
+        assert set(codes[8:]) <= {200, 429}, codes
+        assert max(peak) - baseline < 300 * 2**20, f"peak RSS grew by {(max(peak) - baseline) / 2**20:.0f} MB"
+        too_large = next(answer for status, answer in burst if status == 413)
+        assert too_large["message"].startswith("image 0: the request's images come to more than the server's limit")
+        busy = next((answer for status, answer in burst if status == 429), None)
+        assert busy is None or "requests in progress" in busy["message"]
+        request = urllib.request.Request(url, b'{"inputs": "' + b"A" * (2 * 2**20) + b'"}',
+                                         {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 413
+        answers.append(json.loads(refused.value.read()))
+        outside = [post_json(url, {"inputs": {"path": [path]}}) for path in ("/etc/passwd", "/no/such/file.png")]
+        # A file there and a file nowhere get the same answer: the server does not say which exist.
+        assert [status for status, _ in outside] == [400, 400]
+        assert all(answer["message"].endswith("is outside the folder this server may read") for _, answer in outside)
+        answers += [answer for _, answer in outside]
+        for answer in answers:
+            if "message" in answer:
+                assert set(answer) == {"error_code", "message"} and "Traceback" not in answer["message"], answer
+                assert str(tmp_path) not in answer["message"] and "site-packages" not in answer["message"]
 
 
 def test_a_worse_model_leaves_the_champion(first_rebuild):

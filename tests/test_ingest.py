@@ -217,6 +217,22 @@ def test_hidden_entries_are_reported_as_ignored_not_as_bad_input(mvtec_root):
     assert "ignored 4 entries" in manifest.summary() and not manifest.skipped
 
 
+def test_links_that_leave_the_line_folder_are_used_and_reported_with_their_target(mvtec_root, tmp_path):
+    """Issue 35: a link in train/good to a file elsewhere was followed silently and the manifest recorded
+    the link; a link within the line's folder is an ordinary entry."""
+    outside = write_image(tmp_path / "elsewhere" / "cell.png", textured(600))
+    (mvtec_root / "train" / "good" / "linked.png").symlink_to(outside)
+    (mvtec_root / "train" / "good" / "inside.png").symlink_to(mvtec_root / "test" / "good" / "000.png")
+    manifest = build_manifest(mvtec_line(mvtec_root, on_bad_input="skip"))
+    assert [(Path(item.path).name, item.reason.split(",")[0]) for item in manifest.linked] == [
+        ("linked.png", f"symbolic link to {outside}")]
+    assert str(outside) in {row.source for row in manifest.rows}
+    assert not any(row.source.endswith("linked.png") for row in manifest.rows)
+    assert "1 links leave the line's folder" in manifest.summary()
+    written = manifest.write_csv(tmp_path / "manifest.csv").with_suffix(".skipped.csv").read_text()
+    assert "linked.png" in written and ",linked" in written
+
+
 @pytest.mark.parametrize("spoil, missing", [
     (lambda root: (root / "train" / "good" / "000.png").unlink(), "3 usable good training image(s); at least 4"),
     (lambda root: shutil.rmtree(root / "test" / "scratch"), "the test split has no defective parts"),

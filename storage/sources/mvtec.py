@@ -155,8 +155,13 @@ class _Scan:
             self.masks_seen.discard(mask)
             return
         self.first_seen[image_id] = str(path)
+        source = path
+        if path.is_symlink() and not path.resolve().is_relative_to(self.root.resolve()):
+            source = path.resolve()
+            self.result.linked.append(SkippedFile(str(path), f"symbolic link to {source}, outside the line's folder "
+                                                             f"{self.root}: used, and the manifest names the target"))
         self.result.rows.append(ManifestRow(
-            id=image_id, source=str(path), split=split, label="good" if defect == "good" else "anomaly",
+            id=image_id, source=str(source), split=split, label="good" if defect == "good" else "anomaly",
             defect_type=defect, mask=str(mask) if mask else None,
             width=pixels.shape[1], height=pixels.shape[0], channels=pixels.shape[2]))
 
