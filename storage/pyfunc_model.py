@@ -24,7 +24,7 @@ import numpy as np
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModel
-from mlflow.types.schema import Schema, TensorSpec
+from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from patchline.models.scoring.unit_scale import line_output
 from patchline.runtime import METADATA, ExportedLine, fastest_runtime, installed, passed_runtimes
@@ -48,7 +48,8 @@ _PACKAGE_PARTS = ["models", "storage", "tasks", "flows", "deployments"]
 
 class PatchlineModel(PythonModel):
     """Scores a batch of images; returns a dict of arrays: `score` and `decision` of the line's deciding
-    detector, `threshold`, `anomaly_map` (N, S, S), `score_<detector>` for every detector of the line, and
+    detector, `threshold`, `anomaly_map` (N, S, S) when asked (`params={"maps": True}`; versions logged
+    before the parameter always return it), `score_<detector>` for every detector of the line, and
     each of those scores on the 0..1 scale (0.5 at its threshold) as `score_unit`, `score_unit_<detector>`
     (NaN for versions calibrated before the 0..1 scale).
 
@@ -79,20 +80,29 @@ class PatchlineModel(PythonModel):
     def predict(self, context, model_input: np.ndarray, params=None) -> dict[str, np.ndarray]:
         images = as_images(model_input)
         if self.exported is not None:
-            return self.exported.score(images)
-        detections = self.detector.score(images)
-        calibration = self.detector.calibration
-        decider = calibration.decision_detector
-        return line_output({name: d.scores for name, d in detections.items()}, decider, detections[decider].maps,
-                           calibration.thresholds, calibration.unit_slopes)
+            output = self.exported.score(images)
+        else:
+            detections = self.detector.score(images)
+            calibration = self.detector.calibration
+            decider = calibration.decision_detector
+            output = line_output({name: d.scores for name, d in detections.items()}, decider,
+                                 detections[decider].maps, calibration.thresholds, calibration.unit_slopes)
+        if not (params or {}).get(MAPS_PARAM):
+            # A map is S x S floats per image: over REST that is most of the answer, for a caller who
+            # mostly wants the decision.
+            del output["anomaly_map"]
+        return output
 
 
 # Outputs only: an input schema would make MLflow validate inputs against one form. Every line's model
-# also returns `score_<detector>` and `score_unit_<detector>` per detector it enables.
+# also returns `score_<detector>` and `score_unit_<detector>` per detector it enables, and `anomaly_map`
+# when the call asks for maps (params {"maps": true}).
+MAPS_PARAM = "maps"
 SIGNATURE = ModelSignature(outputs=Schema([
     TensorSpec(np.dtype(np.float32), (-1,), "score"), TensorSpec(np.dtype(bool), (-1,), "decision"),
     TensorSpec(np.dtype(np.float32), (-1,), "threshold"), TensorSpec(np.dtype(np.float32), (-1, -1, -1), "anomaly_map"),
-    TensorSpec(np.dtype(np.float32), (-1,), "score_unit")]))
+    TensorSpec(np.dtype(np.float32), (-1,), "score_unit")]),
+    params=ParamSchema([ParamSpec(MAPS_PARAM, "boolean", False)]))
 
 
 class _PixelBudget:

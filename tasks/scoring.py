@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from patchline.storage.image_files import BadImageError, decode_image, folder_entries
 from patchline.storage.model_bundle import BundleDamagedError
 from patchline.storage.plots import save_heatmap_overlay
+from patchline.storage.pyfunc_model import MAPS_PARAM
 from patchline.storage.registry import champion_version, registered_model_name
 from patchline.storage.tracking import configure_mlflow
 
@@ -111,7 +112,7 @@ def read_images_task(inputs: list[str], recursive: bool = False) -> ReadImages:
 def score_batch_task(champion: ChampionModel, batch: list[tuple[ScoreInput, np.ndarray]], out_dir: Path) -> list[dict]:
     """Scores and decisions of one batch as CSV rows, and a heat-map overlay PNG per image, named by its
     CSV index so that images of one name in different folders keep one each."""
-    result = champion.model.predict([pixels for _, pixels in batch])
+    result = champion.model.predict([pixels for _, pixels in batch], params={MAPS_PARAM: True})
     (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (item, pixels) in enumerate(batch):

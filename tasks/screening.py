@@ -22,6 +22,7 @@ from patchline.models.patchcore.memory_bank import MemoryBank
 from patchline.models.patchcore.outliers import leave_one_image_out_scores, unlike_the_rest
 from patchline.storage.pixels import read_pixels
 from patchline.storage.plots import save_heatmap_overlay
+from patchline.storage.pyfunc_model import MAPS_PARAM
 from patchline.storage.registry import accepted_images, champion_version, registered_model_name
 from patchline.storage.tag_names import DECISION_DETECTOR_TAG
 from patchline.storage.tracking import configure_mlflow
@@ -102,7 +103,7 @@ def screen_training_images_task(config: LineConfig, run_id: str, work_dir: Path,
     for start in range(0, len(unseen), _BATCH):
         rows = unseen[start:start + _BATCH]
         pixels = [read_pixels(row.source) for row in rows]
-        result = model.predict(pixels)
+        result = model.predict(pixels, params={MAPS_PARAM: True})
         for i in np.flatnonzero(result["decision"]):
             row = rows[i]
             heatmap = f"{len(quarantined):03d}_{re.sub(r'[^A-Za-z0-9._-]', '_', Path(row.source).stem)[:60]}.png"
