@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from patchline.storage.locks import exclusive_lock
 from patchline.storage.paths import patchline_home
 from patchline.storage.registry import CHAMPION, registered_model_name
 from patchline.storage.serving import MODEL_URI_ENV, ServingLimits
@@ -156,9 +158,20 @@ def local_prefect_api(timeout_s: float = 180.0) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind((HOST, 0))
         port = probe.getsockname()[1]
-    server = start_prefect_server(port, api_only=True)
+    database = patchline_home() / "prefect" / "prefect.db"
+    # A server creates and migrates its SQLite database as it starts: first runs started together in
+    # an empty home would migrate one database at once, and all but one fail. The first creates it while
+    # the others wait; once it exists, servers start side by side.
+    creating = exclusive_lock(database.with_suffix(".lock"), "creating the Prefect database") \
+        if not database.exists() else contextlib.nullcontext()
+    with creating:
+        server = start_prefect_server(port, api_only=True)
+        try:
+            wait_until_healthy((server,), timeout_s)
+        except BaseException:
+            stop_services((server,))
+            raise
     try:
-        wait_until_healthy((server,), timeout_s)
         with temporary_settings(updates={PREFECT_API_URL: f"{server.url}/api"}):
             try:
                 yield server.url

@@ -241,3 +241,28 @@ def test_a_kill_during_extraction_then_two_rebuilds_at_once_on_the_stored_featur
     assert len(store) == 170 and len(set(store.ids)) == 170 and "" not in store.ids
     assert store.read(store.ids).any(axis=(1, 2)).all()
     assert not list(features.glob("coreset-*")), "no coreset scratch is left"
+
+
+def test_three_first_runs_at_once_all_get_a_prefect_api(tmp_path):
+    """Issue 35's probe: three first runs in an empty home started three local Prefect APIs that migrated
+    one SQLite database together, and one died with a 63-line alembic traceback."""
+    env = {**os.environ, "PATCHLINE_HOME": str(tmp_path / "home")}
+    for key in ("PREFECT_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(key, None)
+    go = tmp_path / "go"
+    code = ("import time, pathlib\n"
+            f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+            "from prefect.client.orchestration import get_client\n"
+            "with local_prefect_api():\n"
+            "    with get_client(sync_client=True) as client:\n"
+            "        print(len(client.read_flow_runs()))\n")
+    prelude = "from patchline.storage.paths import configure_environment; configure_environment()\n" \
+              "from patchline.deployments.services import local_prefect_api\n"
+    starters = [subprocess.Popen([sys.executable, "-c", prelude + code], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(10)
+    go.touch()
+    for starter in starters:
+        out, errors = starter.communicate(timeout=300)
+        assert starter.returncode == 0, errors[-3000:]
+        assert out.strip() == "0" and "alembic" not in errors
