@@ -125,6 +125,11 @@ class FeatureStore:
         return cls(group, block_images)
 
     @property
+    def path(self) -> str:
+        """Where the store lives, for messages."""
+        return f"{self._group.store}/{self._group.path}"
+
+    @property
     def config(self) -> dict[str, Any]:
         return dict(self._group.attrs["config"])
 
@@ -222,11 +227,46 @@ class FeatureStore:
                     raise
                 last = start + self._blocks[block] - 1
                 raise FeatureStoreDamagedError(
-                    f"{self._group.store}/{self._group.path}: the chunk of stored images {start}..{last} (e.g. id "
+                    f"{self.path}: the chunk of stored images {start}..{last} (e.g. id "
                     f"{self._order[start]!r}) failed its checksum: damaged on disk. Delete that folder; the next "
                     "rebuild extracts the features again") from None
             out[wanted] = data[positions[wanted] - start]
         return out
+
+    def damaged(self, ids: Iterable[str]) -> dict[int, list[str]]:
+        """The blocks holding any of `ids` whose chunk fails its checksum, each with every id it stores (in
+        storage order): what `rewrite_block` needs to make it whole again."""
+        block_images = self.block_images
+        blocks = sorted({self._positions[image_id] // block_images for image_id in ids if image_id in self._positions})
+        found = {}
+        for block in blocks:
+            start = block * block_images
+            try:
+                self._arrays[0][start:start + self._blocks[block]]
+            except ValueError as error:
+                if "checksum" not in str(error):
+                    raise
+                found[block] = sorted((image_id for image_id, position in self._positions.items()
+                                       if start <= position < start + self._blocks[block]), key=self._positions.get)
+        return found
+
+    def rewrite_block(self, block: int, ids: Sequence[str], features: np.ndarray) -> None:
+        """Write block `block` again with the features (n, patches, dim) of the ids it stores, in the order
+        `damaged` gives them: a whole chunk, so nothing of the damaged one is read."""
+        expected = [image_id for image_id, position in sorted(self._positions.items(), key=lambda item: item[1])
+                    if position // self.block_images == block]
+        if list(ids) != expected:
+            raise ValueError(f"block {block} stores {len(expected)} images {expected[:3]}...; rewrite it with exactly "
+                             "those, in storage order")
+        features = np.asarray(features)
+        self._check_batch(list(ids), features)
+        padded = np.zeros((self.block_images, *features.shape[1:]), dtype=np.float32)
+        padded[:len(ids)] = features
+        folder = self._local_folder()
+        with exclusive_lock(folder / WRITER_LOCK, f"feature store {self._group.path}") if folder else \
+                contextlib.nullcontext():
+            start = block * self.block_images
+            self._arrays[0][start:start + self.block_images] = padded
 
     def as_dask_array(self, ids: Sequence[str] | None = None) -> da.Array:
         """Committed features as a Dask array (n, patches, dim), one chunk per block, rows in the order of

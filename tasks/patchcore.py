@@ -25,7 +25,7 @@ from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.scoring.detection import Detections, gather_detections
 from patchline.models.process import release_free_memory, stopwatch
 from patchline.storage.dask_cluster import dask_client
-from patchline.storage.feature_store import FeatureStore
+from patchline.storage.feature_store import FeatureStore, FeatureStoreDamagedError
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.nearest_cache import NearestCache, bank_digest
 from patchline.storage.paths import patchline_home
@@ -110,10 +110,29 @@ def extract_features_task(config: LineConfig, rows: list[ManifestRow], root: str
             chunk = pending[start:start + block]
             features = np.concatenate(list(extractor.extract_images([read_pixels(r.source) for r in chunk])))
             store.write_batch([r.id for r in chunk], features)
+        _repair_damaged_chunks(store, extractor, rows)
         release_free_memory()
     get_run_logger().info("features: %d new of %d images (%s) in %.1f s, store holds %d", len(pending), len(rows),
                           config.patchcore.backbone, elapsed[0], len(store))
     return StoredFeatures(root, config.name, feature_key(config), extractor.grid, len(pending), elapsed[0])
+
+
+def _repair_damaged_chunks(store: FeatureStore, extractor: PatchFeatureExtractor, rows: list[ManifestRow]) -> None:
+    """Every stored chunk that `rows` use is checked; one that fails its checksum is extracted again from
+    its images and rewritten (logged), or, when it holds images the line no longer has, the rebuild
+    stops naming it."""
+    by_id = {row.id: row for row in rows}
+    for block, ids in store.damaged(by_id).items():
+        gone = [image_id for image_id in ids if image_id not in by_id]
+        if gone:
+            raise FeatureStoreDamagedError(
+                f"feature store {store.path}: a chunk of {len(ids)} stored images failed its checksum (damaged on "
+                f"disk), and {len(gone)} of them (e.g. id {gone[0]!r}) are no longer images of this line, so "
+                "their features cannot be extracted again. Delete that folder; the next rebuild extracts all again")
+        features = np.concatenate(list(extractor.extract_images([read_pixels(by_id[i].source) for i in ids])))
+        store.rewrite_block(block, ids, features)
+        get_run_logger().warning("features: the stored chunk of %d images (e.g. %s) failed its checksum, damaged on "
+                                 "disk; extracted again from the images and rewritten", len(ids), by_id[ids[0]].source)
 
 
 @task(name="select-coreset", cache_policy=NO_CACHE)

@@ -68,6 +68,49 @@ def test_a_damaged_chunk_is_refused_naming_the_store_and_its_images(tmp_path: Pa
         reopened.read([IDS[5]])
 
 
+def flip_chunk(folder: Path, index: int) -> None:
+    chunks = sorted(path for path in (folder / "features" / "c").rglob("*") if path.is_file())
+    raw = bytearray(chunks[index].read_bytes())
+    raw[20:84] = bytes(b ^ 0xFF for b in raw[20:84])
+    chunks[index].write_bytes(bytes(raw))
+
+
+def test_a_damaged_block_is_found_and_rewritten_whole(tmp_path: Path) -> None:
+    store = FeatureStore.open(tmp_path, "line-a", CONFIG, block_images=4)
+    store.write_batch(IDS[:10], batch(IDS[:10]))
+    flip_chunk(tmp_path / "line-a" / config_hash(CONFIG), 1)
+    store = FeatureStore.open(tmp_path, "line-a", CONFIG)
+    assert store.damaged(IDS[:4]) == {} and store.damaged(IDS[:10]) == {1: IDS[4:8]}
+    with pytest.raises(ValueError, match=r"block 1 stores 4 images"):
+        store.rewrite_block(1, IDS[4:7], batch(IDS[4:7]))
+    store.rewrite_block(1, IDS[4:8], batch(IDS[4:8]))
+    reopened = FeatureStore.open(tmp_path, "line-a", CONFIG, read_only=True)
+    assert reopened.damaged(IDS[:10]) == {}
+    np.testing.assert_array_equal(reopened.read(IDS[:10]), batch(IDS[:10]))
+
+
+def test_a_rebuild_extracts_a_damaged_chunk_again_and_builds_the_same_bank(home, tmp_path: Path) -> None:
+    """Issue 35's probe: a forced rebuild reused a damaged chunk's features and promoted what it built."""
+    from patchline.flows.rebuild import rebuild_product_line
+    from patchline.storage.line_config import load_line
+    from patchline.storage.paths import patchline_home
+    from patchline.storage.tag_names import BANK_TAG
+    from patchline.storage.tracking import configure_mlflow
+    from patchline.tasks.patchcore import feature_key as line_feature_key
+    from tests.conftest import write_line_config, write_mvtec_line
+
+    root = write_mvtec_line(tmp_path / "line", train=12)
+    config = load_line(write_line_config(tmp_path / "chunks.yaml", root, name="chunks", detectors=("patchcore",)))
+    first = rebuild_product_line(config)
+    folder = patchline_home() / "features" / "chunks" / config_hash(line_feature_key(config))
+    flip_chunk(folder, 0)
+    second = rebuild_product_line(config, force=True, full=True)
+    client = configure_mlflow()
+    assert client.get_run(second.run_id).data.tags[BANK_TAG] == client.get_run(first.run_id).data.tags[BANK_TAG]
+    store = FeatureStore.open(patchline_home() / "features", "chunks", line_feature_key(config), read_only=True)
+    assert store.damaged(store.ids) == {}
+
+
 def test_second_write_of_the_same_ids_writes_nothing(tmp_path: Path) -> None:
     store = FeatureStore.open(tmp_path, "line-a", CONFIG, block_images=4)
     store.write_batch(IDS[:8], batch(IDS[:8]))
