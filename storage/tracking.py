@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from patchline.models.config import LineConfig
 from patchline.storage.locks import exclusive_lock
 from patchline.storage.paths import patchline_home
-from patchline.storage.tag_names import EXPERIMENT_KIND_TAG, KILLED_TAG
+from patchline.storage.tag_names import ERROR_TAG, EXPERIMENT_KIND_TAG, KILLED_TAG
 
 
 def tracking_uri() -> str:
@@ -143,8 +143,10 @@ def model_config_fingerprint(config: LineConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def mark_stale_runs_killed(client: MlflowClient, line: str) -> list[str]:
-    """Mark the line's runs still RUNNING as KILLED, with a tag saying why; returns their ids.
+def mark_stale_runs(client: MlflowClient, line: str, killed: bool) -> list[str]:
+    """End the line's runs still RUNNING, with a tag saying why; returns their ids. `killed`: the last
+    rebuild was killed (KILLED); else it ended with an error it could not record (FAILED), as when the
+    disk under the MLflow store was full.
 
     Only for a caller that holds the line's rebuild lock: then no live rebuild owns those runs.
     """
@@ -153,6 +155,12 @@ def mark_stale_runs_killed(client: MlflowClient, line: str) -> list[str]:
         return []
     stale = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
     for run in stale:
-        client.set_tag(run.info.run_id, KILLED_TAG, "left RUNNING by a rebuild that was killed; found by the next one")
-        client.set_terminated(run.info.run_id, "KILLED")
+        if killed:
+            client.set_tag(run.info.run_id, KILLED_TAG,
+                           "left RUNNING by a rebuild that was killed; found by the next one")
+        else:
+            client.set_tag(run.info.run_id, ERROR_TAG, "the rebuild failed and could not record it here (the MLflow "
+                                                       "store could not be written then, e.g. a full disk); its "
+                                                       "Prefect flow run and log say why. Found by the next rebuild")
+        client.set_terminated(run.info.run_id, "KILLED" if killed else "FAILED")
     return [run.info.run_id for run in stale]

@@ -23,7 +23,7 @@ from prefect.states import Crashed
 from patchline.models.config import LineConfig
 from patchline.storage.locks import exclusive_lock
 from patchline.storage.paths import patchline_home, work_folders
-from patchline.storage.tracking import configure_mlflow, mark_stale_runs_killed
+from patchline.storage.tracking import configure_mlflow, mark_stale_runs
 
 
 @contextmanager
@@ -37,12 +37,16 @@ def rebuild_lock(line: str, wait: bool, flow_run_id: str | None) -> Iterator[str
 
 @task(name="clear-killed-runs", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def clear_killed_runs_task(config: LineConfig, killed_flow_run_id: str | None) -> int:
-    """Mark the line's MLflow runs left RUNNING as KILLED, and a killed holder's flow run CRASHED, and remove
-    the work folders killed runs left; returns how many runs were marked."""
+    """Mark the line's MLflow runs left RUNNING as KILLED when the last holder was killed (it left its flow
+    run id in the lock), else as FAILED (it ended with an error it could not record), and a killed
+    holder's flow run CRASHED; remove the work folders ended runs left; returns how many runs were marked."""
     log = get_run_logger()
-    killed = mark_stale_runs_killed(configure_mlflow(), config.name)
+    was_killed = killed_flow_run_id is not None
+    killed = mark_stale_runs(configure_mlflow(), config.name, was_killed)
     for run_id in killed:
-        log.warning("MLflow run %s of %s was left RUNNING by a killed rebuild: marked KILLED", run_id, config.name)
+        log.warning("MLflow run %s of %s was left RUNNING by a rebuild that %s: marked %s", run_id, config.name,
+                    "was killed" if was_killed else "failed and could not record it",
+                    "KILLED" if was_killed else "FAILED")
     # The lock holder is the line's only rebuild, so every work folder there now is a dead run's.
     folders = work_folders(config.name)
     left = sorted(folders.iterdir()) if folders.is_dir() else []

@@ -254,6 +254,21 @@ def test_a_failed_rebuild_leaves_the_registry_untouched(first_rebuild, tmp_path)
     assert failed[0].info.status == "FAILED" and "bad.png" in failed[0].data.tags["patchline.error"]
 
 
+def test_a_run_a_failed_rebuild_could_not_end_is_marked_failed_not_killed(first_rebuild):
+    """Issue 35's probe: a rebuild that failed on a full disk could not end its MLflow run, and the next
+    rebuild marked it KILLED. Its lock was let go cleanly, so the next one marks it FAILED."""
+    from patchline.flows.rebuild import rebuild_product_line
+    from patchline.storage.tag_names import ERROR_TAG, KILLED_TAG
+    from patchline.storage.tracking import line_experiment_id
+
+    client = configure_mlflow()
+    stale = client.create_run(line_experiment_id(client, LINE)).info.run_id
+    rebuild_product_line(tiny_config())
+    run = client.get_run(stale)
+    assert run.info.status == "FAILED" and KILLED_TAG not in run.data.tags
+    assert "could not record it" in run.data.tags[ERROR_TAG]
+
+
 def test_nightly_skips_an_unchanged_line_and_survives_a_broken_one(first_rebuild, tmp_path):
     from patchline.flows.nightly import nightly
 
