@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from prefect.client.orchestration import get_client
 
 from patchline.models.config import EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig
 from patchline.models.darkness import DarknessDetector
@@ -118,6 +119,10 @@ def test_a_line_rebuilds_with_a_toy_detector_added_in_one_module(home, tmp_path,
         "evaluation": {"calibration_fraction": 0.25, "detectors": ["toy", "darkness"], "decision_detector": "toy"}}))
     result = rebuild_product_line(load_line(path))
     assert result.promoted and result.decision_detector == "toy" and "toy" in result.image_auroc
+    # The Prefect UI shows the toy detector's own steps, named by the generic tasks.
+    with get_client(sync_client=True) as client:
+        names = {run.name for run in client.read_task_runs()}
+    assert {"fit-toy", "score-toy", "fit-darkness", "score-darkness"} <= names, sorted(names)
     model = mlflow.pyfunc.load_model(f"models:/{registered_model_name('toy-line')}/1")
     detector = model.unwrap_python_model().detector
     assert detector.config.settings_of("toy").size == 8 and detector.detectors["toy"].mean.shape == (8, 8)
