@@ -44,8 +44,8 @@ def clear_killed_runs_task(config: LineConfig, killed_flow_run_id: str | None) -
     was_killed = killed_flow_run_id is not None
     killed = mark_stale_runs(configure_mlflow(), config.name, was_killed)
     for run_id in killed:
-        log.warning("MLflow run %s of %s was left RUNNING by a rebuild that %s: marked %s", run_id, config.name,
-                    "was killed" if was_killed else "failed and could not record it",
+        log.warning("MLflow run %s of %s was left RUNNING by a %s: marked %s", run_id, config.name,
+                    "killed rebuild" if was_killed else "rebuild that failed and could not record it",
                     "KILLED" if was_killed else "FAILED")
     # The lock holder is the line's only rebuild, so every work folder there now is a dead run's.
     folders = work_folders(config.name)
