@@ -1,15 +1,17 @@
-"""Scoring a line's test split end to end, PyTorch (the MLflow model) against its ONNX export (issue 24).
+"""Scoring a line's test split end to end: PyTorch with the exact and the indexed nearest-row search
+(issue 36), and the ONNX export (issue 24), in one run with the same threads.
 
     python -m benchmarks.scoring [--line elpv-mono] [--home DIR]
 
 Without `--home`, the line is rebuilt first under a temporary PATCHLINE_HOME (deleted afterwards); with
 it, that home's champion of the line is used (rebuilt there when it has none). The champion is exported
 with `patchline export`'s code, then the test images, decoded once, are scored with 2 threads by the
-MLflow model on PyTorch and by the export on ONNX Runtime and on OpenVINO: from uint8 pixels to every
-detector's score and the deciding detector's 256 px map. `max_rel_diff` is the largest relative
-difference of any detector's image score from PyTorch's, over both runtimes (`score_differences`); AUROCs are the deciding score's image AUROC, `auroc_export` that of the faster runtime.
-Ends with one line:
-    scoring line=<l> images=<n> torch_img_s=<x> onnx_img_s=<y> openvino_img_s=<z> max_rel_diff=<d> auroc_torch=<a> auroc_export=<b>
+MLflow model on PyTorch, once with `PATCHLINE_SEARCH=exact` and once with `indexed`, and by the export on
+ONNX Runtime and on OpenVINO (whose graph searches the whole bank): from uint8 pixels to every detector's
+score and the deciding detector's 256 px map. `max_image_score_rel_diff` is the largest relative
+difference of any detector's image score of the indexed search from the exact one's
+(`score_differences`); AUROCs are the deciding score's image AUROC. Ends with one line:
+    scoring line=<l> images=<n> exact_img_s=<a> indexed_img_s=<b> speedup=<b/a> max_image_score_rel_diff=<d> auroc_exact=<x> auroc_indexed=<y> onnx_img_s=<o> openvino_img_s=<v>
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     from patchline.runtime import ExportedLine
     from patchline.storage.export import export_version, score_differences
     from patchline.storage.ingest import build_manifest
+    from patchline.storage.model_bundle import SEARCH_VARIABLE, SEARCHES
     from patchline.storage.pixels import read_pixels
     from patchline.storage.pyfunc_model import RUNTIME_VARIABLE
     from patchline.storage.registry import champion_version, registered_model_name
@@ -74,38 +77,40 @@ def main() -> None:
 
         torch.set_num_threads(THREADS)
         os.environ[RUNTIME_VARIABLE] = "torch"
-        model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{exported.version}")
-        model.predict(images[:2], params={"maps": True})
-        started = time.perf_counter()
-        expected = model.predict(images, params={"maps": True})
-        torch_s = time.perf_counter() - started
-        found, seconds = {}, {}
+        expected, seconds = {}, {}
+        for search in SEARCHES:
+            os.environ[SEARCH_VARIABLE] = search
+            model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{exported.version}")
+            model.predict(images[:2])
+            started = time.perf_counter()
+            expected[search] = model.predict(images)
+            seconds[search] = time.perf_counter() - started
+            del model
+        exports = {}
         for name in ("onnxruntime", "openvino"):
             runtime = ExportedLine(out, threads=THREADS, runtime=name)
             runtime.score(images[:2])
             started = time.perf_counter()
-            found[name] = runtime.score(images)
+            exports[name] = runtime.score(images)
             seconds[name] = time.perf_counter() - started
     finally:
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
-    detectors = [key.removeprefix("score_") for key in expected if key.startswith("score_") and "unit" not in key]
+    exact, indexed = expected["exact"], expected["indexed"]
+    detectors = [key.removeprefix("score_") for key in exact if key.startswith("score_") and "unit" not in key]
     calibration = ExportedLine(out).metadata
-    max_rel = max(max(score_differences({name: result[f"score_{name}"] for name in detectors},
-                                        {name: expected[f"score_{name}"] for name in detectors},
-                                        calibration["normalisers"], calibration["fusion_weights"]).values())
-                  for result in found.values())
-    for name, result in found.items():
-        decisions_equal = bool(np.array_equal(result["decision"], expected["decision"]))
-        print(f"{name}: {len(images)} test images in {seconds[name]:.1f} s; decisions equal to PyTorch's: "
-              f"{decisions_equal}", file=sys.stderr)
-    faster = min(seconds, key=seconds.get)
-    print(f"scoring line={config.name} images={len(images)} torch_img_s={len(images) / torch_s:.1f} "
-          f"onnx_img_s={len(images) / seconds['onnxruntime']:.1f} "
-          f"openvino_img_s={len(images) / seconds['openvino']:.1f} max_rel_diff={max_rel:.2e} "
-          f"auroc_torch={image_auroc(expected['score'], is_anomaly):.4f} "
-          f"auroc_export={image_auroc(found[faster]['score'], is_anomaly):.4f}")
-
+    max_rel = max(score_differences({name: indexed[f"score_{name}"] for name in detectors},
+                                    {name: exact[f"score_{name}"] for name in detectors},
+                                    calibration["normalisers"], calibration["fusion_weights"]).values())
+    for name, result in exports.items():
+        print(f"{name}: {len(images)} test images in {seconds[name]:.1f} s; decisions equal to the exact search's: "
+              f"{bool(np.array_equal(result['decision'], exact['decision']))}", file=sys.stderr)
+    rate = {name: len(images) / seconds[name] for name in seconds}
+    print(f"scoring line={config.name} images={len(images)} exact_img_s={rate['exact']:.2f} "
+          f"indexed_img_s={rate['indexed']:.2f} speedup={rate['indexed'] / rate['exact']:.2f} "
+          f"max_image_score_rel_diff={max_rel:.2e} auroc_exact={image_auroc(exact['score'], is_anomaly):.4f} "
+          f"auroc_indexed={image_auroc(indexed['score'], is_anomaly):.4f} onnx_img_s={rate['onnxruntime']:.2f} "
+          f"openvino_img_s={rate['openvino']:.2f}")
 
 if __name__ == "__main__":
     main()

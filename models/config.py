@@ -64,6 +64,11 @@ class PatchCoreConfig(_Strict):
     reweight_neighbours: int = Field(9, ge=2)
     smoothing_sigma: float = Field(4.0, ge=0)
     batch_size: int = Field(16, ge=1)
+    # Nearest-row search when scoring: "indexed" compares each patch with the bank's nearest cells only
+    # and re-checks each image's most distant patches against the whole bank, so image scores are the
+    # exact search's and maps are drawn from upper bounds (models/patchcore/nearest_index.py); "exact"
+    # compares every patch with the whole bank (the reference). Scoring can choose with PATCHLINE_SEARCH.
+    search: Literal["indexed", "exact"] = "indexed"
 
     @field_validator("neighbourhood")
     @classmethod

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-from patchline.models.config import LineConfig
+from patchline.models.config import LineConfig, PatchCoreConfig
 from patchline.models.detector_spec import Detector
 from patchline.models.detectors import load_detectors
 from patchline.models.line_detector import LineDetector
@@ -27,6 +29,10 @@ from patchline.runtime import file_digest
 from patchline.storage.line_config import load_line, save_line
 
 CONFIG, CALIBRATION, DIGESTS = "config.yaml", "calibration.json", "digests.json"
+# Names PatchCore's nearest-row search for every bundle loaded in this process, over the line's
+# `patchcore.search`: "exact" scores with the reference search.
+SEARCH_VARIABLE = "PATCHLINE_SEARCH"
+SEARCHES = get_args(PatchCoreConfig.model_fields["search"].annotation)
 log = logging.getLogger(__name__)
 
 
@@ -48,13 +54,19 @@ def save_bundle(folder: Path, config: LineConfig, calibration: Calibration, dete
     return folder
 
 
-def load_bundle(folder: Path, device: torch.device | None = None) -> LineDetector:
-    """The `LineDetector` saved by `save_bundle`, ready to score."""
+def load_bundle(folder: Path, device: torch.device | None = None, search: str | None = None) -> LineDetector:
+    """The `LineDetector` saved by `save_bundle`, ready to score; PatchCore with the nearest-row `search`
+    given, else the one `PATCHLINE_SEARCH` names, else the line's."""
     folder = Path(folder)
     if not (folder / CONFIG).is_file():
         raise ValueError(f"{folder}: not a patchline model bundle (no {CONFIG})")
     check_bundle(folder)
     config = load_line(folder / CONFIG)
+    search = search or os.environ.get(SEARCH_VARIABLE)
+    if search:
+        if search not in SEARCHES:
+            raise ValueError(f"{SEARCH_VARIABLE}={search}: the nearest-row search is one of {', '.join(SEARCHES)}")
+        config = config.model_copy(update={"patchcore": config.patchcore.model_copy(update={"search": search})})
     calibration = Calibration.from_json((folder / CALIBRATION).read_text()) if (folder / CALIBRATION).is_file() else None
     return LineDetector(config, load_detectors(folder, config, device), calibration)
 

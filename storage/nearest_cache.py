@@ -4,7 +4,8 @@ A bank grown from the champion's (tasks/incremental.py) begins with the champion
 image's distance to its nearest row of the grown bank is the smaller of its cached distance to the
 champion's bank and its distance to the added rows: scoring measures the added rows only.
 
-Layout: `<root>/<line>/nearest/<bank digest>.safetensors`, a tensor `distances` (images, patches) and the
+Layout: `<root>/<line>/nearest/<bank digest>-<search>.safetensors` (exact and indexed distances apart),
+a tensor `distances` (images, patches) and the
 image ids and a SHA-256 of both in its metadata. Files are written whole and renamed into place, so a
 killed writer leaves none half written; the most recent `KEEP` per line are kept. A file whose digest does
 not match (damaged on disk, or written before digests) is not used: its distances are measured again.
@@ -35,6 +36,12 @@ def bank_digest(features: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def bank_key(features: np.ndarray, search: str) -> str:
+    """The file name of the distances to a bank by one search: indexed distances are partly upper bounds,
+    so they are kept apart from exact ones."""
+    return f"{bank_digest(features)}-{search}"
+
+
 class NearestCache:
     """Patch distances of scored images, by bank digest, in one folder."""
 
@@ -42,7 +49,7 @@ class NearestCache:
         self.folder = Path(folder)
 
     def load(self, digest: str) -> dict[str, np.ndarray]:
-        """Image id → its patch distances to the bank `digest`; empty when none are kept (or unreadable)."""
+        """Image id → its patch distances to the bank `digest` (a file name); empty when none are kept (or unreadable)."""
         path = self.folder / f"{digest}.safetensors"
         try:
             with safe_open(str(path), framework="np") as file:

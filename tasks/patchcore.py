@@ -27,7 +27,7 @@ from patchline.models.process import release_free_memory, stopwatch
 from patchline.storage.dask_cluster import dask_client
 from patchline.storage.feature_store import FeatureStore, FeatureStoreDamagedError
 from patchline.storage.manifest import ManifestRow
-from patchline.storage.nearest_cache import NearestCache, bank_digest
+from patchline.storage.nearest_cache import NearestCache, bank_key
 from patchline.storage.paths import patchline_home
 from patchline.storage.pixels import read_pixels
 from patchline.tasks.incremental import Reuse
@@ -233,7 +233,7 @@ def score_patchcore_task(features: StoredFeatures, detector: PatchCoreDetector, 
     store = features.open()
     bank, scorer = detector.bank, detector.scorer
     cache = None if "://" in features.root else NearestCache(Path(features.root) / features.line / "nearest")
-    known = cache.load(bank_digest(bank.features[:kept_rows])) if cache is not None and kept_rows else {}
+    known = cache.load(bank_key(bank.features[:kept_rows], scorer.search)) if cache is not None and kept_rows else {}
     measured: dict[str, np.ndarray] = {}
 
     def batches():
@@ -253,7 +253,7 @@ def score_patchcore_task(features: StoredFeatures, detector: PatchCoreDetector, 
     with stopwatch() as elapsed:
         detections = gather_detections(batches(), len(rows))
     if cache is not None:
-        cache.save(bank_digest(bank.features), measured)
+        cache.save(bank_key(bank.features, scorer.search), measured)
     reused = sum(1 for row in rows if row.id in known)
     get_run_logger().info("patchcore scoring: %d images in %.1f s%s", len(rows), elapsed[0],
                           f", {reused} of them against the {len(bank.features) - kept_rows} rows added to the "

@@ -218,9 +218,10 @@ def test_the_scoring_benchmark_runs_on_a_rebuilt_line(rebuilt, home, tmp_path):
     summary = ran.stdout.strip().splitlines()[-1].split()
     assert summary[:3] == ["scoring", f"line={LINE}", "images=8"]
     values = dict(field.split("=") for field in summary[3:])
-    assert list(values) == ["torch_img_s", "onnx_img_s", "openvino_img_s", "max_rel_diff", "auroc_torch", "auroc_export"]
-    assert all(float(values[key]) > 0 for key in ("torch_img_s", "onnx_img_s", "openvino_img_s"))
-    assert float(values["max_rel_diff"]) <= 1e-4 and values["auroc_torch"] == values["auroc_export"]
+    assert list(values) == ["exact_img_s", "indexed_img_s", "speedup", "max_image_score_rel_diff", "auroc_exact",
+                            "auroc_indexed", "onnx_img_s", "openvino_img_s"]
+    assert all(float(values[key]) > 0 for key in ("exact_img_s", "indexed_img_s", "onnx_img_s", "openvino_img_s"))
+    assert float(values["max_image_score_rel_diff"]) <= 1e-6 and values["auroc_exact"] == values["auroc_indexed"]
 
 
 def test_a_truncated_line_json_is_named_not_a_bare_json_error(tmp_path):

@@ -16,7 +16,7 @@ from patchline.storage.feature_store import FeatureStore
 from patchline.storage.image_files import decode_image
 from patchline.storage.ingest import build_manifest
 from patchline.storage.manifest import content_hash, hold_out_calibration
-from patchline.storage.nearest_cache import NearestCache, bank_digest
+from patchline.storage.nearest_cache import NearestCache, bank_key
 from patchline.storage.registry import accept_images, registered_model_name
 from patchline.storage.tag_names import REUSE_TAG
 from patchline.storage.tracking import configure_mlflow
@@ -102,7 +102,8 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
     test = {row.id for row in build_manifest(config).select(split="test")}
     scored = {row.id for row in build_manifest(config).rows} - set(fit_ids(config))
     cache = NearestCache(Path(feature_root()) / LINE / "nearest")
-    assert test <= set(cache.load(bank_digest(old_bank))) and scored <= set(cache.load(bank_digest(new_bank)))
+    assert test <= set(cache.load(bank_key(old_bank, "indexed")))
+    assert scored <= set(cache.load(bank_key(new_bank, "indexed")))
     # Warm-started, each network's held-out loss before training is near where v1's training ended, far
     # below what v1 reached after its first epoch from a seeded init.
     for network in ("autoencoder", "sdn"):

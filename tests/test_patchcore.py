@@ -1,4 +1,4 @@
-"""PatchCore scoring: eq. 7, exact kNN, memory bank files, and planted defects on real ELPV cells."""
+"""PatchCore scoring: eq. 7, exact and indexed kNN, memory bank files, and planted defects on real ELPV cells."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.numpy import save_file
 from scipy.ndimage import gaussian_filter
 
 from patchline.models.config import PatchCoreConfig
 from patchline.models.patchcore.memory_bank import MemoryBank, PatchCoreScorer
 from patchline.models.patchcore.nearest import reweighted_scores
+from patchline.models.patchcore.nearest_index import CellIndex, exact_maxima
 from patchline.models.patchcore.patch_features import PatchFeatureExtractor
 from patchline.models.scoring.detection import Detections, gather_detections
 from patchline.storage.nearest_cache import KEEP, NearestCache, bank_digest
@@ -79,14 +81,15 @@ def test_nearest_search_and_eq7_equal_brute_force() -> None:
     assert np.allclose(found.numpy(), eq7.numpy(), rtol=1e-4)
 
 
-def test_a_grown_bank_scores_like_a_fresh_search_from_its_kept_distances(tmp_path: Path) -> None:
+@pytest.mark.parametrize("search", ["exact", "indexed"])
+def test_a_grown_bank_scores_like_a_fresh_search_from_its_kept_distances(tmp_path: Path, search: str) -> None:
     """Distances kept for the champion's bank (the grown bank's first rows) plus a search of the added rows
-    give the scores and maps of a search of the whole grown bank; the kept distances go through the
-    cache's files."""
+    give the scores of a search of the whole grown bank (and its maps, when exact); the kept distances go
+    through the cache's files."""
     rng = np.random.default_rng(4)
     bank = rng.standard_normal((2300, 24)).astype(np.float32)
     features = rng.standard_normal((3, 8 * 8, 24)).astype(np.float32) * 1.3
-    champion, grown = _scorer(bank[:1800]), _scorer(bank)
+    champion, grown = _scorer(bank[:1800], search=search), _scorer(bank, search=search)
     cache = NearestCache(tmp_path / "nearest")
     kept = champion.distances(champion.checked(features, (8, 8))).numpy()
     cache.save(bank_digest(bank[:1800]), {f"image{i}": row for i, row in enumerate(kept)})
@@ -95,9 +98,14 @@ def test_a_grown_bank_scores_like_a_fresh_search_from_its_kept_distances(tmp_pat
     patches = grown.checked(features, (8, 8))
     updated = grown.detections(patches, grown.distances(patches, prior), (8, 8), 16)
     fresh = grown.score(features, (8, 8), 16)
-    np.testing.assert_allclose(updated.scores, fresh.scores, rtol=1e-5)
-    np.testing.assert_allclose(updated.maps, fresh.maps, rtol=1e-5, atol=1e-6)
-    assert not np.allclose(champion.score(features, (8, 8), 16).maps, fresh.maps), "the added rows matter here"
+    np.testing.assert_allclose(updated.scores, fresh.scores, rtol=1e-6)
+    exact = _scorer(bank, search="exact").score(features, (8, 8), 16)
+    np.testing.assert_allclose(updated.scores, exact.scores, rtol=1e-6)
+    if search == "exact":
+        np.testing.assert_allclose(updated.maps, fresh.maps, rtol=1e-5, atol=1e-6)
+    else:  # from upper bounds: never below the exact map
+        assert (updated.maps >= exact.maps - 1e-4).all()
+    assert not np.allclose(champion.score(features, (8, 8), 16).scores, fresh.scores), "the added rows matter here"
 
 
 def test_the_nearest_cache_merges_prunes_and_ignores_broken_files(tmp_path: Path) -> None:
@@ -134,6 +142,28 @@ def test_memory_bank_round_trip_gives_identical_scores(tmp_path: Path) -> None:
     before = PatchCoreScorer(bank, CPU).score(features, (8, 8), 64)
     after = PatchCoreScorer(loaded, CPU).score(features, (8, 8), 64)
     assert np.array_equal(before.scores, after.scores) and np.array_equal(before.maps, after.maps)
+
+
+def test_the_bank_file_carries_its_index_and_a_bank_without_one_builds_the_same(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    bank = MemoryBank(rng.standard_normal((500, 12)).astype(np.float32), PatchCoreConfig(), 32)
+    loaded = MemoryBank.load(bank.save(tmp_path / "bank.safetensors"))
+    for name in ("centroids", "order", "offsets"):
+        assert np.array_equal(getattr(loaded.index, name), getattr(bank.index, name))
+    rebuilt = CellIndex.build(bank.features)
+    assert np.array_equal(rebuilt.order, bank.index.order), "the index is a function of the rows"
+    assert 10 <= len(bank.index.centroids) <= 23 and np.all(np.diff(bank.index.offsets) > 0)
+    # A bank file written before the index: the index is built from its rows.
+    save_file({"features": bank.features}, tmp_path / "old.safetensors", metadata={
+        "format": "patchline-memory-bank/1", "config": bank.config.model_dump_json(), "image_size": "32"})
+    assert np.array_equal(MemoryBank.load(tmp_path / "old.safetensors").index.order, bank.index.order)
+    # An index whose cells do not partition the rows is refused, naming the file.
+    save_file({"features": bank.features, "cell_centroids": bank.index.centroids,
+               "cell_order": np.zeros(500, np.int64), "cell_offsets": bank.index.offsets},
+              tmp_path / "bad.safetensors", metadata={
+        "format": "patchline-memory-bank/1", "config": bank.config.model_dump_json(), "image_size": "32"})
+    with pytest.raises(ValueError, match=r"bad.safetensors: the nearest-row index is inconsistent"):
+        MemoryBank.load(tmp_path / "bad.safetensors")
 
 
 def test_bad_bank_files_and_features_are_clear_errors(tmp_path: Path) -> None:
@@ -180,6 +210,36 @@ def test_planted_defects_on_real_cells_outscore_held_out_good_cells() -> None:
     for heat in detections.maps[6:]:
         row, col = np.unravel_index(heat.argmax(), heat.shape)
         assert math.hypot(row - BLOB[0] * scale, col - BLOB[1] * scale) <= BLOB[2] * scale + 8, (row, col)
+
+
+def test_the_indexed_search_scores_real_cells_as_the_exact_one_after_a_few_rechecks() -> None:
+    """Issue 36: each patch is searched in a few cells of the bank only, which gives an upper bound of its
+    nearest distance; each image's most distant patches are re-checked against the whole bank until no
+    bound is left above the largest exact distance. Image scores equal the exact search's; few patches
+    are re-checked; maps (drawn from the bounds) are never below the exact ones and close to them."""
+    images, levels, types = elpv_arrays()
+    good = np.flatnonzero((types == "mono") & (levels == 0))
+    defective = np.flatnonzero((types == "mono") & (levels == 3))
+    extractor = PatchFeatureExtractor(PatchCoreConfig(), SIZE, CPU)
+    bank = np.concatenate(list(extractor.extract_images(images[good[:12]]))).reshape(-1, extractor.dim)
+    test = np.concatenate([images[good[12:18]], images[defective[:6]],
+                           [_plant_blob(cell) for cell in images[good[12:16]]]])
+    features = np.concatenate(list(extractor.extract_images(test)))
+    indexed = PatchCoreScorer(MemoryBank(bank, extractor.config, SIZE), CPU)
+    exact = PatchCoreScorer(MemoryBank(bank, extractor.config.model_copy(update={"search": "exact"}), SIZE), CPU)
+    found, expected = indexed.score(features, extractor.grid, SIZE), exact.score(features, extractor.grid, SIZE)
+    np.testing.assert_allclose(found.scores, expected.scores, rtol=1e-6)
+
+    patches = torch.from_numpy(features)
+    with torch.inference_mode():
+        bounds = indexed._by_chunks(patches.reshape(-1, extractor.dim), indexed._indexed.upper_bounds)
+        exact_distances = exact.patch_distances(patches.reshape(-1, extractor.dim))
+        _, rechecked = exact_maxima(patches, bounds.view(len(test), -1), exact.patch_distances)
+    assert (bounds >= exact_distances * (1 - 1e-5)).all(), "a bound below the exact distance"
+    total = features.shape[0] * features.shape[1]
+    assert rechecked <= 0.1 * total, f"{rechecked} of {total} patches re-checked"
+    assert (found.maps >= expected.maps - 1e-4).all()
+    assert np.abs(found.maps - expected.maps).max() <= 0.05 * expected.maps.max()
 
 
 def test_gathered_batches_keep_their_order_and_the_announced_count_is_checked() -> None:

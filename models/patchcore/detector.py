@@ -55,5 +55,7 @@ class PatchCoreDetector:
     @classmethod
     def load(cls, folder: Path, config: LineConfig, device: torch.device | None = None) -> PatchCoreDetector:
         bank = MemoryBank.load(folder / BANK)
-        patchcore = bank.config.model_copy(update={"weights_path": folder / BACKBONE})
-        return cls(MemoryBank(bank.features, patchcore, bank.image_size), device)
+        # The search is a scoring choice: the line's (or the scoring call's, storage/model_bundle.py).
+        patchcore = bank.config.model_copy(update={"weights_path": folder / BACKBONE,
+                                                   "search": config.patchcore.search})
+        return cls(MemoryBank(bank.features, patchcore, bank.image_size, bank.index), device)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from safetensors.numpy import save
 from patchline.models.config import PatchCoreConfig
 from patchline.models.images import pick_device
 from patchline.models.patchcore.nearest import nearest_distances_sq, reweighted_scores, squared_norms
+from patchline.models.patchcore.nearest_index import CellIndex, IndexedSearch, exact_maxima
 from patchline.models.scoring.detection import Detections
 from patchline.models.tensor_files import write_tensor_file
 
@@ -40,11 +42,13 @@ CUDA_TILES = (16384, 1 << 30)
 
 @dataclass(frozen=True)
 class MemoryBank:
-    """The coreset's patch features (M, D) float32, with the settings that produced them."""
+    """The coreset's patch features (M, D) float32, with the settings that produced them and the cells of
+    its nearest-row index (built from the rows when not given)."""
 
     features: np.ndarray
     config: PatchCoreConfig
     image_size: int
+    index: CellIndex | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.features.ndim != 2 or len(self.features) == 0 or self.features.dtype != np.float32:
@@ -52,12 +56,17 @@ class MemoryBank:
                              f"got {self.features.dtype} {self.features.shape}")
         if not np.isfinite(self.features).all():
             raise ValueError("memory bank features contain NaN or infinity")
+        if self.index is None:
+            object.__setattr__(self, "index", CellIndex.build(self.features))
+        self.index.check(*self.features.shape)
 
     def save(self, path: Path) -> Path:
         """Write the bank as a safetensors file; `MemoryBank.load` reads back an equal bank."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return write_tensor_file(path, save({"features": np.ascontiguousarray(self.features)}, metadata={
+        tensors = {"features": np.ascontiguousarray(self.features), "cell_centroids": self.index.centroids,
+                   "cell_order": self.index.order, "cell_offsets": self.index.offsets}
+        return write_tensor_file(path, save(tensors, metadata={
             "format": _FORMAT, "config": self.config.model_dump_json(), "image_size": str(self.image_size)}))
 
     @classmethod
@@ -72,10 +81,16 @@ class MemoryBank:
                 if metadata.get("format") != _FORMAT:
                     raise ValueError(f"{path} is not a patchline memory bank (format {metadata.get('format')!r})")
                 features = file.get_tensor("features")
+                # Banks saved before the index have none: it is built from their rows.
+                index = (CellIndex(*(file.get_tensor(f"cell_{name}") for name in ("centroids", "order", "offsets")))
+                         if "cell_order" in file.keys() else None)
             config = PatchCoreConfig.model_validate(json.loads(metadata["config"]))
-            return cls(features, config, int(metadata["image_size"]))
         except (SafetensorError, KeyError, json.JSONDecodeError, ValidationError) as error:
             raise ValueError(f"cannot read memory bank {path}: {error}") from error
+        try:
+            return cls(features, config, int(metadata["image_size"]), index)
+        except ValueError as error:
+            raise ValueError(f"memory bank {path}: {error}") from error
 
 
 class PatchCoreScorer:
@@ -87,28 +102,35 @@ class PatchCoreScorer:
         self.smoothing_sigma = bank.config.smoothing_sigma
         self.bank = torch.from_numpy(bank.features).to(self.device)
         self.bank_sq_norms = squared_norms(self.bank)
+        self.search = bank.config.search
+        self._indexed = (IndexedSearch(bank.index, self.bank, self.bank_sq_norms)
+                         if self.search == "indexed" else None)
         self._query_tile, self._bank_tile = CUDA_TILES if self.device.type == "cuda" else CPU_TILES
         self._map_operators: dict[tuple[int, int], torch.Tensor] = {}
 
     def patch_distances(self, queries: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """(Q, D) queries → (Q,) Euclidean distance to the nearest bank row from `first_row` on."""
-        queries = queries.to(self.device, torch.float32)
         rows, sq_norms = self.bank[first_row:], self.bank_sq_norms[first_row:]
+        return self._by_chunks(queries, lambda chunk: nearest_distances_sq(
+            chunk, rows, sq_norms, self._query_tile, self._bank_tile).sqrt_())
 
-        def search(chunk: torch.Tensor) -> torch.Tensor:
+    def _by_chunks(self, queries: torch.Tensor, search: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        queries = queries.to(self.device, torch.float32)
+
+        def run(chunk: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return nearest_distances_sq(chunk, rows, sq_norms, self._query_tile, self._bank_tile)
+                return search(chunk)
 
         chunks = queries.split(self._query_tile)
         if self.device.type == "cpu" and len(chunks) > 1:
             # Whole query chunks per thread, not OpenMP inside each small GEMM: on shared cores the
             # latter spent most of its CPU spinning at barriers (benchmarks/README.md, "PatchCore throughput").
             with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-                found = list(pool.map(search, chunks))
+                found = list(pool.map(run, chunks))
         else:
-            found = [search(chunk) for chunk in chunks]
+            found = [run(chunk) for chunk in chunks]
         with torch.inference_mode():
-            return (torch.cat(found) if found else torch.empty(0, device=self.device)).sqrt_()
+            return torch.cat(found) if found else torch.empty(0, device=self.device)
 
     def score(self, features: np.ndarray | torch.Tensor, grid: tuple[int, int], image_size: int) -> Detections:
         """(N, H*W, D) patch features on `grid` (H, W) → image scores and (N, S, S) maps, S = `image_size`."""
@@ -126,17 +148,26 @@ class PatchCoreScorer:
         return features
 
     def distances(self, features: torch.Tensor, known: tuple[np.ndarray, int] | None = None) -> torch.Tensor:
-        """Checked (N, P, D) features → (N, P) distance of each patch to its nearest bank row.
+        """Checked (N, P, D) features → (N, P) distance of each patch to its nearest bank row: exact with
+        `search: exact`; with `search: indexed` each image's largest distance (and where it is) exact and
+        the others upper bounds, mostly exact too (models/patchcore/nearest_index.py).
 
-        `known` = (the patches' distances (N, P) to the bank's first R rows, R): then only the rows after
-        those are searched (a bank grown from an earlier one, whose distances were kept)."""
+        `known` = (the patches' distances (N, P) to the bank's first R rows, R, as this scorer's search
+        gave them): then only the rows after those are searched (a bank grown from an earlier one, whose
+        distances were kept)."""
         queries = features.reshape(-1, features.shape[2])
         if known is None:
-            return self.patch_distances(queries).view(len(features), -1)
-        distances = torch.as_tensor(known[0], dtype=torch.float32, device=self.device).reshape(len(features), -1)
-        if known[1] >= len(self.bank):
-            return distances
-        return torch.minimum(distances, self.patch_distances(queries, known[1]).view(len(features), -1))
+            if self._indexed is None:
+                return self.patch_distances(queries).view(len(features), -1)
+            bounds = self._by_chunks(queries, self._indexed.upper_bounds).view(len(features), -1)
+        else:
+            bounds = torch.as_tensor(known[0], dtype=torch.float32, device=self.device).reshape(len(features), -1)
+            if known[1] < len(self.bank):
+                bounds = torch.minimum(bounds, self.patch_distances(queries, known[1]).view(len(features), -1))
+            if self._indexed is None:
+                return bounds
+        with torch.inference_mode():
+            return exact_maxima(features, bounds, self.patch_distances)[0]
 
     def detections(self, features: torch.Tensor, distances: torch.Tensor, grid: tuple[int, int],
                    image_size: int) -> Detections:
