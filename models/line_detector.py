@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -23,12 +23,21 @@ class LineDetector:
         self.config, self.calibration = config, calibration
         self.detectors = {name: detectors[name] for name in config.evaluation.detectors}
 
-    def score(self, images: Sequence[np.ndarray], progress: bool = False) -> dict[str, Detections]:
-        """Uint8 images → detections of every enabled detector (and `fused` once calibrated)."""
-        results = {name: detector.score(images, progress) for name, detector in self.detectors.items()}
-        if self.calibration is not None and len(results) > 1:
+    def score(self, images: Sequence[np.ndarray], progress: bool = False,
+              only: Collection[str] | None = None) -> dict[str, Detections]:
+        """Uint8 images → detections of every enabled detector (and `fused` once calibrated), or of the
+        detectors named in `only` (`fused` among them when named)."""
+        names = list(self.detectors) if only is None else [name for name in self.detectors if name in only]
+        results = {name: self.detectors[name].score(images, progress) for name in names}
+        if self.calibration is not None and len(self.detectors) > 1 and (only is None or FUSED in only):
             results[FUSED] = fuse(results, self.calibration)
         return results
+
+    def decision_reads(self) -> list[str]:
+        """The detectors (and `fused`) that this line's decisions read (`Calibration.decision_reads`)."""
+        if self.calibration is None:
+            raise ValueError("this detector is not calibrated: no decision to read")
+        return self.calibration.decision_reads(list(self.detectors))
 
     def decide(self, detections: dict[str, Detections]) -> tuple[Detections, np.ndarray, float]:
         """The deciding detector's detections, its per-image decisions (True = anomalous) and threshold."""

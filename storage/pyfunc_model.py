@@ -49,9 +49,11 @@ _PACKAGE_PARTS = ["models", "storage", "tasks", "flows", "deployments"]
 class PatchlineModel(PythonModel):
     """Scores a batch of images; returns a dict of arrays: `score` and `decision` of the line's deciding
     detector, `threshold`, `anomaly_map` (N, S, S) when asked (`params={"maps": True}`; versions logged
-    before the parameter always return it), `score_<detector>` for every detector of the line, and
-    each of those scores on the 0..1 scale (0.5 at its threshold) as `score_unit`, `score_unit_<detector>`
-    (NaN for versions calibrated before the 0..1 scale).
+    before the parameter always return it), `score_<detector>` for every detector that ran, and each of
+    those scores on the 0..1 scale (0.5 at its threshold) as `score_unit`, `score_unit_<detector>` (NaN for
+    versions calibrated before the 0..1 scale). On PyTorch the detectors that ran are those the decision
+    reads (the deciding one, or those `fused` weighs), or all of the line's with
+    `params={"all_detectors": True}`; an exported graph runs all of them.
 
     It scores with the fastest of PyTorch and the runtimes its export (a line's `export_onnx`) passed the
     parity check on, as measured when it was exported (`choose_runtime`); `runtime` says which.
@@ -82,7 +84,10 @@ class PatchlineModel(PythonModel):
         if self.exported is not None:
             output = self.exported.score(images)
         else:
-            detections = self.detector.score(images)
+            # Detectors the decision does not read are not run unless asked: on a line decided by PatchCore
+            # the networks would cost more than the indexed search.
+            every = (params or {}).get(ALL_DETECTORS_PARAM)
+            detections = self.detector.score(images, only=None if every else self.detector.decision_reads())
             calibration = self.detector.calibration
             decider = calibration.decision_detector
             output = line_output({name: d.scores for name, d in detections.items()}, decider,
@@ -95,14 +100,15 @@ class PatchlineModel(PythonModel):
 
 
 # Outputs only: an input schema would make MLflow validate inputs against one form. Every line's model
-# also returns `score_<detector>` and `score_unit_<detector>` per detector it enables, and `anomaly_map`
-# when the call asks for maps (params {"maps": true}).
+# also returns `score_<detector>` and `score_unit_<detector>` per detector that ran (all of them with
+# params {"all_detectors": true}), and `anomaly_map` when the call asks for maps (params {"maps": true}).
 MAPS_PARAM = "maps"
+ALL_DETECTORS_PARAM = "all_detectors"
 SIGNATURE = ModelSignature(outputs=Schema([
     TensorSpec(np.dtype(np.float32), (-1,), "score"), TensorSpec(np.dtype(bool), (-1,), "decision"),
     TensorSpec(np.dtype(np.float32), (-1,), "threshold"), TensorSpec(np.dtype(np.float32), (-1, -1, -1), "anomaly_map"),
     TensorSpec(np.dtype(np.float32), (-1,), "score_unit")]),
-    params=ParamSchema([ParamSpec(MAPS_PARAM, "boolean", False)]))
+    params=ParamSchema([ParamSpec(MAPS_PARAM, "boolean", False), ParamSpec(ALL_DETECTORS_PARAM, "boolean", False)]))
 
 
 class _PixelBudget:

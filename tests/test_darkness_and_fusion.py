@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from patchline.models.config import EvaluationConfig
 from patchline.models.darkness import score_darkness
-from patchline.models.scoring.calibration import Calibration, fit_calibration, fuse
+from patchline.models.scoring.calibration import FUSED, Calibration, fit_calibration, fuse
 from patchline.models.scoring.detection import Detections
 from patchline.models.scoring.metrics import image_auroc
 from patchline.storage.sources.elpv import elpv_arrays
@@ -82,3 +82,21 @@ def test_weights_of_no_run_detector_fail_the_calibration() -> None:
 def test_bad_fusion_weights_are_refused_by_the_config(weights, message) -> None:
     with pytest.raises(ValidationError, match=message):
         EvaluationConfig(fusion_weights=weights)
+
+
+def test_the_decision_reads_only_the_detectors_it_weighs_and_fuses_without_the_others() -> None:
+    """Issue 36: scoring runs only the detectors a decision reads; a fused score without the detectors it
+    does not weigh is the same score, and one without a detector it weighs is refused."""
+    rng = np.random.default_rng(3)
+    good = {name: Detections(rng.gamma(2.0, 1.0, 40).astype(np.float32), rng.random((40, 4, 4), np.float32))
+            for name in ("a", "b", "c")}
+    calibration = fit_calibration(good, 95.0, FUSED, {"a": 1.0, "b": 0.5})
+    assert calibration.decision_reads(["a", "b", "c"]) == ["a", "b", FUSED]
+    assert fit_calibration(good, 95.0, "c", {"a": 1.0, "b": 0.5}).decision_reads(["a", "b", "c"]) == ["c"]
+    assert fit_calibration(good, 95.0, FUSED).decision_reads(["a", "b", "c"]) == ["a", "b", "c", FUSED]
+    whole = fuse(good, calibration)
+    without_c = fuse({name: good[name] for name in ("a", "b")}, calibration)
+    np.testing.assert_array_equal(without_c.scores, whole.scores)
+    np.testing.assert_array_equal(without_c.maps, whole.maps)
+    with pytest.raises(ValueError, match=r"weighs \['b'\], which were not scored"):
+        fuse({"a": good["a"]}, calibration)

@@ -102,8 +102,8 @@ def test_the_export_scores_as_the_registered_version_in_a_process_without_torch(
     fastest = max(runtimes, key=lambda name: metadata["runtimes"][name]["img_s"])
     assert f"the runtime scorer will use {fastest}" in result.output
 
-    expected = mlflow.pyfunc.load_model(f"models:/{registered_model_name(LINE)}/1").predict(images,
-                                                                                         params={"maps": True})
+    expected = mlflow.pyfunc.load_model(f"models:/{registered_model_name(LINE)}/1").predict(
+        images, params={"maps": True, "all_detectors": True})
     for runtime in runtimes:
         _assert_scores_as(_score_without_torch(out, runtime, images, tmp_path), expected, metadata)
 
@@ -158,12 +158,13 @@ def test_a_line_that_asks_for_it_scores_on_its_fastest_runtime(rebuilt, tmp_path
     model = mlflow.pyfunc.load_model(uri)
     assert model.unwrap_python_model().runtime == fastest
     monkeypatch.setenv(RUNTIME_VARIABLE, "torch")
-    expected = mlflow.pyfunc.load_model(uri).predict(images, params={"maps": True})
+    every = {"maps": True, "all_detectors": True}
+    expected = mlflow.pyfunc.load_model(uri).predict(images, params=every)
     for runtime in passed:
         monkeypatch.setenv(RUNTIME_VARIABLE, runtime)
         on_runtime = mlflow.pyfunc.load_model(uri)
         assert on_runtime.unwrap_python_model().runtime == runtime
-        _assert_scores_as(on_runtime.predict(images, params={"maps": True}), expected, metadata)
+        _assert_scores_as(on_runtime.predict(images, params=every), expected, metadata)
     monkeypatch.setenv(RUNTIME_VARIABLE, "tensorrt")
     with pytest.raises(ValueError, match="PATCHLINE_RUNTIME=tensorrt: this model runs on torch, "):
         mlflow.pyfunc.load_model(uri)

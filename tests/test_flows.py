@@ -81,13 +81,21 @@ def test_champion_model_scores_like_the_rebuild(first_rebuild):
     client = configure_mlflow()
     model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(LINE)}@{CHAMPION}")
     rows = [r for r in build_manifest(tiny_config()).select(split="test") if r.label != "ambiguous"]
-    output = model.predict([read_pixels(r.source) for r in rows], params={"maps": True})
+    images = [read_pixels(r.source) for r in rows]
+    output = model.predict(images, params={"maps": True, "all_detectors": True})
     labels = [r.label == "anomaly" for r in rows]
     metrics = client.get_run(first_rebuild.run_id).data.metrics
     for detector in ("patchcore", "oesdn", "ae", "darkness", "fused"):
         assert image_auroc(output[f"score_{detector}"], labels) == pytest.approx(metrics[f"{detector}_image_auroc"], abs=1e-6)
     assert output["anomaly_map"].shape == (len(rows), 64, 64)
     assert set(np.unique(output["decision"])) <= {True, False}
+    # Issue 36: by default only the detectors the decision reads run, with the same scores and decisions.
+    reads = model.unwrap_python_model().detector.decision_reads()
+    deciding = model.predict(images)
+    assert {key.removeprefix("score_") for key in deciding if key.startswith("score_") and "unit" not in key} == set(reads)
+    assert len(reads) < 5, "this line's decision does not read every detector"
+    for key in ("score", "decision", *(f"score_{name}" for name in reads)):
+        np.testing.assert_array_equal(deciding[key], output[key])
 
 
 def post_json(url: str, body: dict) -> tuple[int, dict]:
@@ -122,8 +130,9 @@ def test_champion_is_served_over_mlflow_rest_and_scores_as_in_process(first_rebu
             status, answer = post_json(f"{server.url}/invocations", body)
             assert status == 200, answer
             served = answer["predictions"]
-            for key in ("score", "threshold", "score_patchcore", "score_oesdn", "score_fused", "score_unit",
-                        "score_unit_patchcore", "score_unit_fused"):
+            scores = [key for key in expected if key.startswith(("score", "threshold"))]
+            assert set(served) - {"anomaly_map"} == set(scores) | {"decision"}
+            for key in scores:
                 np.testing.assert_allclose(served[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
             assert served["decision"] == expected["decision"].tolist()
             # Maps only when the request asks: they are most of an answer's bytes.

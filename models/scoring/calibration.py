@@ -39,6 +39,14 @@ class Calibration:
         """Detector `name`'s raw scores on the 0..1 scale (0.5 = its threshold); NaN when uncalibrated for it."""
         return detector_unit_scores(name, scores, self.thresholds, self.unit_slopes)
 
+    def decision_reads(self, detectors: list[str]) -> list[str]:
+        """Of a line's `detectors`, those its decisions read: the deciding one, or when that is `fused`, the
+        detectors it weighs (and `fused`)."""
+        if self.decision_detector != FUSED:
+            return [self.decision_detector]
+        weights = self.fusion_weights
+        return [name for name in detectors if weights is None or weights.get(name, 0.0) > 0] + [FUSED]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
@@ -65,10 +73,16 @@ def fit_calibration(good: dict[str, Detections], percentile: float, decision_det
 
 
 def fuse(detections: dict[str, Detections], calibration: Calibration) -> Detections:
-    """The fused detector: weighted mean of normalised scores, and of maps normalised with the same statistics."""
+    """The fused detector: weighted mean of normalised scores, and of maps normalised with the same statistics.
+    Detectors that weigh 0 may be left out of `detections`; one that weighs is needed."""
     weights = calibration.fusion_weights
-    scores = fuse_scores({name: d.scores for name, d in detections.items()}, calibration.normalisers, weights)
-    maps = fuse_scores({name: d.maps for name, d in detections.items()}, calibration.normalisers, weights)
+    weighing = set(calibration.normalisers) if weights is None else {n for n, w in weights.items() if w > 0}
+    if weighing - set(detections):
+        raise ValueError(f"the fused score weighs {sorted(weighing - set(detections))}, which were not scored")
+    normalisers = {name: calibration.normalisers[name] for name in detections}
+    weights = None if weights is None else {name: w for name, w in weights.items() if name in detections}
+    scores = fuse_scores({name: d.scores for name, d in detections.items()}, normalisers, weights)
+    maps = fuse_scores({name: d.maps for name, d in detections.items()}, normalisers, weights)
     return Detections(scores.astype(np.float32), maps.astype(np.float32))
 
 
