@@ -1,16 +1,18 @@
-"""Scoring a line's test split end to end: PyTorch with the exact and the indexed nearest-row search
-(issue 36), and the ONNX export (issue 24), in one run with the same threads.
+"""Scoring a line's test split end to end: PyTorch as before issue 36 and as now, and the ONNX export
+(issue 24), in one run with the same threads.
 
     python -m benchmarks.scoring [--line elpv-mono] [--home DIR]
 
 Without `--home`, the line is rebuilt first under a temporary PATCHLINE_HOME (deleted afterwards); with
 it, that home's champion of the line is used (rebuilt there when it has none). The champion is exported
-with `patchline export`'s code, then the test images, decoded once, are scored with 2 threads by the
-MLflow model on PyTorch, once with `PATCHLINE_SEARCH=exact` and once with `indexed`, and by the export on
-ONNX Runtime and on OpenVINO (whose graph searches the whole bank): from uint8 pixels to every detector's
-score and the deciding detector's 256 px map. `max_image_score_rel_diff` is the largest relative
-difference of any detector's image score of the indexed search from the exact one's
-(`score_differences`); AUROCs are the deciding score's image AUROC. Ends with one line:
+with `patchline export`'s code, then the test images, decoded once, are scored with 2 threads, from uint8
+pixels to scores, decisions and the deciding detector's 256 px map: by the MLflow model on PyTorch with
+the exact nearest-row search and every detector (`exact_img_s`: the path before issue 36), with the
+indexed search and only the detectors the decision reads (`indexed_img_s`: the default now), and with
+the two mixes of those (stderr); and by the export on ONNX Runtime and on OpenVINO (whose graph runs
+every detector and searches the whole bank). `max_image_score_rel_diff` is the largest relative
+difference of a detector's image score between the first two (`score_differences`); AUROCs are the
+deciding score's image AUROC. Ends with one line:
     scoring line=<l> images=<n> exact_img_s=<a> indexed_img_s=<b> speedup=<b/a> max_image_score_rel_diff=<d> auroc_exact=<x> auroc_indexed=<y> onnx_img_s=<o> openvino_img_s=<v>
 """
 
@@ -31,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from patchline.storage.line_config import load_line  # noqa: E402
 
 THREADS = 2
+# (search, every detector) of the PyTorch runs: the path before issue 36 (exact, every detector), the
+# default one (indexed, the detectors the decision reads), and the two steps between them.
+PATHS = [("exact", True), ("indexed", False), ("exact", False), ("indexed", True)]
 
 
 def main() -> None:
@@ -55,9 +60,9 @@ def main() -> None:
     from patchline.runtime import ExportedLine
     from patchline.storage.export import export_version, score_differences
     from patchline.storage.ingest import build_manifest
-    from patchline.storage.model_bundle import SEARCH_VARIABLE, SEARCHES
+    from patchline.storage.model_bundle import SEARCH_VARIABLE
     from patchline.storage.pixels import read_pixels
-    from patchline.storage.pyfunc_model import RUNTIME_VARIABLE
+    from patchline.storage.pyfunc_model import ALL_DETECTORS_PARAM, RUNTIME_VARIABLE
     from patchline.storage.registry import champion_version, registered_model_name
     from patchline.storage.tracking import configure_mlflow
 
@@ -78,13 +83,14 @@ def main() -> None:
         torch.set_num_threads(THREADS)
         os.environ[RUNTIME_VARIABLE] = "torch"
         expected, seconds = {}, {}
-        for search in SEARCHES:
+        for search, every in PATHS:
             os.environ[SEARCH_VARIABLE] = search
             model = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{exported.version}")
-            model.predict(images[:2])
+            params = {ALL_DETECTORS_PARAM: every}
+            model.predict(images[:2], params=params)
             started = time.perf_counter()
-            expected[search] = model.predict(images)
-            seconds[search] = time.perf_counter() - started
+            expected[search, every] = model.predict(images, params=params)
+            seconds[search, every] = time.perf_counter() - started
             del model
         exports = {}
         for name in ("onnxruntime", "openvino"):
@@ -96,18 +102,21 @@ def main() -> None:
     finally:
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
-    exact, indexed = expected["exact"], expected["indexed"]
-    detectors = [key.removeprefix("score_") for key in exact if key.startswith("score_") and "unit" not in key]
+    exact, indexed = expected["exact", True], expected["indexed", False]
+    detectors = [key.removeprefix("score_") for key in indexed if key.startswith("score_") and "unit" not in key]
     calibration = ExportedLine(out).metadata
     max_rel = max(score_differences({name: indexed[f"score_{name}"] for name in detectors},
                                     {name: exact[f"score_{name}"] for name in detectors},
                                     calibration["normalisers"], calibration["fusion_weights"]).values())
+    rate = {key: len(images) / value for key, value in seconds.items()}
+    for search, every in PATHS:
+        print(f"torch, {search} search, {'every detector' if every else 'the detectors the decision reads'}: "
+              f"{rate[search, every]:.2f} images/s", file=sys.stderr)
     for name, result in exports.items():
         print(f"{name}: {len(images)} test images in {seconds[name]:.1f} s; decisions equal to the exact search's: "
               f"{bool(np.array_equal(result['decision'], exact['decision']))}", file=sys.stderr)
-    rate = {name: len(images) / seconds[name] for name in seconds}
-    print(f"scoring line={config.name} images={len(images)} exact_img_s={rate['exact']:.2f} "
-          f"indexed_img_s={rate['indexed']:.2f} speedup={rate['indexed'] / rate['exact']:.2f} "
+    print(f"scoring line={config.name} images={len(images)} exact_img_s={rate['exact', True]:.2f} "
+          f"indexed_img_s={rate['indexed', False]:.2f} speedup={rate['indexed', False] / rate['exact', True]:.2f} "
           f"max_image_score_rel_diff={max_rel:.2e} auroc_exact={image_auroc(exact['score'], is_anomaly):.4f} "
           f"auroc_indexed={image_auroc(indexed['score'], is_anomaly):.4f} onnx_img_s={rate['onnxruntime']:.2f} "
           f"openvino_img_s={rate['openvino']:.2f}")

@@ -32,6 +32,8 @@ FORMS = ("script", "module")
 
 # Tiny settings through each script's own flags, and the keys of the summary line it ends with, in order.
 TINY_RUNS: dict[str, tuple[list[str], str, tuple[str, ...]]] = {
+    "bank_size": (["--limit", "24", "--ratios", "0.02"], "bank_size",
+                  ("line", "ratio", "rows", "auroc", "exact_ms", "indexed_ms", "max_rel_diff")),
     "coreset": (["--n", "2000", "--dim", "16", "--patches", "100", "--ratio", "0.1", "--threads", "1"],
                 "coreset", ("data", "n", "dim", "ratio", "exact_s", "dask_s", "speedup", "radius_ratio",
                             "random_radius_ratio")),
@@ -154,6 +156,9 @@ def test_tiny_run_ends_with_its_summary_line(name: str, runs: dict[tuple[str, ..
         assert 0 < numbers["radius_ratio"] < numbers["random_radius_ratio"], last
     elif name == "out_of_core":
         assert 0 < numbers["radius_ratio_vs_sample"] < 1 and numbers["peak_rss_gb"] > 0, last
+    elif name == "bank_size":
+        assert fields["line"] == "elpv-mono" and numbers["ratio"] == 0.02 and numbers["rows"] > 0, last
+        assert numbers["auroc"] <= 1 and numbers["max_rel_diff"] <= 1e-6, last
     elif name == "poison":
         assert fields["line"] == "elpv-mono" and numbers["levels"] == 1, last
         assert all(numbers[key] <= 1 for key in ("quarantine_recall", "false_quarantine", "auroc_screened")), last

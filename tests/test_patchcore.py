@@ -232,7 +232,7 @@ def test_the_indexed_search_scores_real_cells_as_the_exact_one_after_a_few_reche
 
     patches = torch.from_numpy(features)
     with torch.inference_mode():
-        bounds = indexed._by_chunks(patches.reshape(-1, extractor.dim), indexed._indexed.upper_bounds)
+        bounds = indexed._indexed.upper_bounds(patches.reshape(-1, extractor.dim))
         exact_distances = exact.patch_distances(patches.reshape(-1, extractor.dim))
         _, rechecked = exact_maxima(patches, bounds.view(len(test), -1), exact.patch_distances)
     assert (bounds >= exact_distances * (1 - 1e-5)).all(), "a bound below the exact distance"

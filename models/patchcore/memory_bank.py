@@ -38,6 +38,9 @@ _FORMAT = "patchline-memory-bank/1"
 CPU_TILES = (1024, 1024)
 # A GPU is fastest on the whole bank at once.
 CUDA_TILES = (16384, 1 << 30)
+# Queries per thread in the indexed search: each cell's GEMM then has hundreds of queries, not a few dozen
+# (benchmarks/README.md, "Indexed scoring").
+INDEXED_CPU_TILE = 8192
 
 
 @dataclass(frozen=True)
@@ -106,22 +109,24 @@ class PatchCoreScorer:
         self._indexed = (IndexedSearch(bank.index, self.bank, self.bank_sq_norms)
                          if self.search == "indexed" else None)
         self._query_tile, self._bank_tile = CUDA_TILES if self.device.type == "cuda" else CPU_TILES
+        self._indexed_tile = CUDA_TILES[0] if self.device.type == "cuda" else INDEXED_CPU_TILE
         self._map_operators: dict[tuple[int, int], torch.Tensor] = {}
 
     def patch_distances(self, queries: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """(Q, D) queries → (Q,) Euclidean distance to the nearest bank row from `first_row` on."""
         rows, sq_norms = self.bank[first_row:], self.bank_sq_norms[first_row:]
         return self._by_chunks(queries, lambda chunk: nearest_distances_sq(
-            chunk, rows, sq_norms, self._query_tile, self._bank_tile).sqrt_())
+            chunk, rows, sq_norms, self._query_tile, self._bank_tile).sqrt_(), self._query_tile)
 
-    def _by_chunks(self, queries: torch.Tensor, search: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _by_chunks(self, queries: torch.Tensor, search: Callable[[torch.Tensor], torch.Tensor],
+                   tile: int) -> torch.Tensor:
         queries = queries.to(self.device, torch.float32)
 
         def run(chunk: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
                 return search(chunk)
 
-        chunks = queries.split(self._query_tile)
+        chunks = queries.split(tile)
         if self.device.type == "cpu" and len(chunks) > 1:
             # Whole query chunks per thread, not OpenMP inside each small GEMM: on shared cores the
             # latter spent most of its CPU spinning at barriers (benchmarks/README.md, "PatchCore throughput").
@@ -159,7 +164,7 @@ class PatchCoreScorer:
         if known is None:
             if self._indexed is None:
                 return self.patch_distances(queries).view(len(features), -1)
-            bounds = self._by_chunks(queries, self._indexed.upper_bounds).view(len(features), -1)
+            bounds = self._by_chunks(queries, self._indexed.upper_bounds, self._indexed_tile).view(len(features), -1)
         else:
             bounds = torch.as_tensor(known[0], dtype=torch.float32, device=self.device).reshape(len(features), -1)
             if known[1] < len(self.bank):
