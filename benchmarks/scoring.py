@@ -75,6 +75,7 @@ def main() -> None:
         out = home / "export" / config.name
         exported = export_version(client, config.name, out)
         print(f"exported version {exported.version} to {out}", file=sys.stderr)
+        calibration = ExportedLine(out).metadata  # read now: without --home the folder is gone below
         # The protocol's test images: ELPV's ambiguous cells (defect probability 1/3, 2/3) are left out.
         test = [row for row in build_manifest(config).rows if row.split == "test" and row.label != "ambiguous"]
         images = [read_pixels(row.source) for row in test]
@@ -104,7 +105,6 @@ def main() -> None:
             shutil.rmtree(home, ignore_errors=True)
     exact, indexed = expected["exact", True], expected["indexed", False]
     detectors = [key.removeprefix("score_") for key in indexed if key.startswith("score_") and "unit" not in key]
-    calibration = ExportedLine(out).metadata
     max_rel = max(score_differences({name: indexed[f"score_{name}"] for name in detectors},
                                     {name: exact[f"score_{name}"] for name in detectors},
                                     calibration["normalisers"], calibration["fusion_weights"]).values())
