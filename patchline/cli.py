@@ -15,6 +15,7 @@ from patchline.models.config import ElpvSource, LineConfig, MvtecSource
 from patchline.storage.image_files import max_image_pixels
 from patchline.storage.ingest import IngestError, build_manifest
 from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
+from patchline.storage.line_survey import LineSurvey, fitted_config
 from patchline.storage.paths import NotWritableError, configure_environment, ensure_writable, ensure_writable_home
 from patchline.storage.sources.mvtec import MvtecLayoutError
 
@@ -188,6 +189,15 @@ def init_line_command(
     if target.exists() and not force:
         _fail(FileExistsError(f"{target} exists; it may hold your edits, so it is left as it is (--force "
                               "overwrites it)"))
+    # Surveyed past bad files: `ingest` reports those, with the config this writes.
+    try:
+        survey = LineSurvey.of(build_manifest(config.model_copy(update={"on_bad_input": "skip"})))
+    except (IngestError, MvtecLayoutError, ValueError) as error:
+        typer.echo(f"the images could not be surveyed ({error}); the defaults are kept")
+    else:
+        config, reasons = fitted_config(config, survey)
+        for reason in reasons:
+            typer.echo(f"  {reason}")
     path = save_line(config, target)
     typer.echo(f"wrote {path}; try it with: patchline ingest {path}")
 

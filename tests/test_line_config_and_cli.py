@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 from patchline.cli import app
 from patchline.models.config import ScheduleConfig
 from patchline.storage.line_config import LineConfigError, bundled_line_files, load_line, save_line
-from tests.conftest import png_claiming, without_root_override
+from tests.conftest import png_claiming, without_root_override, write_image
 
 PATCHLINE = str(Path(sys.executable).with_name("patchline"))
 
@@ -232,3 +233,28 @@ def test_the_cli_sets_prefects_home_before_anything_loads_prefect(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], env={**env, "PATCHLINE_HOME": str(tmp_path)},
                             capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["[]", str(tmp_path / "prefect")]
+
+
+def test_cli_init_line_reads_the_data_and_says_why_for_each_setting(tmp_path):
+    """Issue 37: `init-line` looks at the images before it writes settings: not scaled up past them, colour
+    for colour data, and it says how many images and masks it found."""
+    root = tmp_path / "parts"
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        write_image(root / "train" / "good" / f"{i:03d}.png", rng.integers(0, 256, (120, 150, 3), dtype=np.uint8))
+    for i in range(2):
+        write_image(root / "test" / "good" / f"{i:03d}.png", rng.integers(0, 256, (120, 150, 3), dtype=np.uint8))
+        write_image(root / "test" / "dent" / f"{i:03d}.png", rng.integers(0, 256, (130, 160, 3), dtype=np.uint8))
+    mask = np.zeros((130, 160), np.uint8)
+    mask[10:20, 5:9] = 255
+    write_image(root / "ground_truth" / "dent" / "000_mask.png", mask)
+    config_path = tmp_path / "parts.yaml"
+    result = runner.invoke(app, ["init-line", "parts", "--mvtec-root", str(root), "--out", str(config_path)])
+    assert result.exit_code == 0, result.output
+    config = load_line(config_path)
+    assert config.image_size == 96 and config.oesdn.channels == 3
+    assert ("image_size: 96 (the training images' median short side is 120 px; a line is not scaled up past its "
+            "images; sizes vary from 150×120 to 160×130, each image is resized)") in result.output
+    assert "oesdn.channels: 3 (the training images are colour)" in result.output
+    assert "6 good training images, about 2 of them held out for calibration; fewer than 20" in result.output
+    assert "masks for 1 of 2 defective test images: pixel AUROC is reported" in result.output
