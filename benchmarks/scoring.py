@@ -57,6 +57,7 @@ def main() -> None:
     from patchline.deployments.services import local_prefect_api
     from patchline.flows.rebuild import rebuild_product_line
     from patchline.models.scoring.metrics import image_auroc
+    from patchline.models.scoring.unit_scale import scored_detectors
     from patchline.runtime import ExportedLine
     from patchline.storage.export import export_version, score_differences
     from patchline.storage.ingest import build_manifest
@@ -104,7 +105,7 @@ def main() -> None:
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
     exact, indexed = expected["exact", True], expected["indexed", False]
-    detectors = [key.removeprefix("score_") for key in indexed if key.startswith("score_") and "unit" not in key]
+    detectors = scored_detectors(indexed)
     max_rel = max(score_differences({name: indexed[f"score_{name}"] for name in detectors},
                                     {name: exact[f"score_{name}"] for name in detectors},
                                     calibration["normalisers"], calibration["fusion_weights"]).values())
@@ -120,6 +121,7 @@ def main() -> None:
           f"max_image_score_rel_diff={max_rel:.2e} auroc_exact={image_auroc(exact['score'], is_anomaly):.4f} "
           f"auroc_indexed={image_auroc(indexed['score'], is_anomaly):.4f} onnx_img_s={rate['onnxruntime']:.2f} "
           f"openvino_img_s={rate['openvino']:.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -49,7 +49,8 @@ class NearestCache:
         self.folder = Path(folder)
 
     def load(self, digest: str) -> dict[str, np.ndarray]:
-        """Image id → its patch distances to the bank `digest` (a file name); empty when none are kept (or unreadable)."""
+        """Image id → its patch distances to the bank `digest` (a file name, `bank_key`); empty when none
+        are kept (or unreadable)."""
         path = self.folder / f"{digest}.safetensors"
         try:
             with safe_open(str(path), framework="np") as file:

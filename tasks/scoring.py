@@ -11,6 +11,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from patchline.models.scoring.unit_scale import scored_detectors
 from patchline.storage.image_files import BadImageError, decode_image, folder_entries
 from patchline.storage.model_bundle import BundleDamagedError
 from patchline.storage.plots import save_heatmap_overlay
@@ -113,8 +114,7 @@ def score_batch_task(champion: ChampionModel, batch: list[tuple[ScoreInput, np.n
     """Scores and decisions of one batch as CSV rows, and a heat-map overlay PNG per image, named by its
     CSV index so that images of one name in different folders keep one each."""
     result = champion.model.predict([pixels for _, pixels in batch], params={MAPS_PARAM: True})
-    scored = [key.removeprefix("score_") for key in result if key.startswith("score_") and "unit" not in key]
-    get_run_logger().info("%d images scored by %s", len(batch), ", ".join(scored))
+    get_run_logger().info("%d images scored by %s", len(batch), ", ".join(scored_detectors(result)))
     (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (item, pixels) in enumerate(batch):

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from patchline.cli import app
 from patchline.models.config import EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig
+from patchline.models.scoring.unit_scale import scored_detectors
 from patchline.storage.line_config import save_line
 from patchline.storage.registry import registered_model_name
 from tests.conftest import write_elpv_line
@@ -70,7 +71,7 @@ def _assert_scores_as(found: dict[str, np.ndarray], expected: dict[str, np.ndarr
     from patchline.storage.export import score_differences
 
     assert set(found) == set(expected)
-    names = [key.removeprefix("score_") for key in expected if key.startswith("score_") and "unit" not in key]
+    names = scored_detectors(expected)
     differences = score_differences({name: found[f"score_{name}"] for name in names},
                                     {name: expected[f"score_{name}"] for name in names},
                                     metadata["normalisers"], metadata["fusion_weights"])

@@ -24,6 +24,7 @@ from patchline.models.config import (
     ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig, PatchCoreConfig, PromotionConfig,
     ScheduleConfig)
 from patchline.models.scoring.metrics import image_auroc
+from patchline.models.scoring.unit_scale import scored_detectors
 from patchline.storage.ingest import build_manifest
 from patchline.storage.line_config import save_line
 from patchline.storage.pixels import read_pixels
@@ -92,7 +93,7 @@ def test_champion_model_scores_like_the_rebuild(first_rebuild):
     # Issue 36: by default only the detectors the decision reads run, with the same scores and decisions.
     reads = model.unwrap_python_model().detector.decision_reads()
     deciding = model.predict(images)
-    assert {key.removeprefix("score_") for key in deciding if key.startswith("score_") and "unit" not in key} == set(reads)
+    assert set(scored_detectors(deciding)) == set(reads)
     assert len(reads) < 5, "this line's decision does not read every detector"
     for key in ("score", "decision", *(f"score_{name}" for name in reads)):
         np.testing.assert_array_equal(deciding[key], output[key])

@@ -41,6 +41,12 @@ def detector_unit_scores(name: str, scores: ArrayLike, thresholds: dict[str, flo
     return unit_scores(scores, thresholds[name], slopes[name])
 
 
+def scored_detectors(output: dict[str, np.ndarray]) -> list[str]:
+    """The detectors (and `fused`) whose `score_<detector>` a `line_output` dict holds."""
+    return [key.removeprefix("score_") for key in output
+            if key.startswith("score_") and not key.startswith("score_unit")]
+
+
 def line_output(scores: dict[str, np.ndarray], decider: str, decider_maps: np.ndarray, thresholds: dict[str, float],
                 slopes: dict[str, float] | None) -> dict[str, np.ndarray]:
     """What a line's model returns for N images, from every detector's scores (N,) and the deciding
