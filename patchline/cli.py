@@ -191,7 +191,8 @@ def init_line_command(
                               "overwrites it)"))
     # Surveyed past bad files: `ingest` reports those, with the config this writes.
     try:
-        survey = LineSurvey.of(build_manifest(config.model_copy(update={"on_bad_input": "skip"})))
+        survey = LineSurvey.of(build_manifest(config.model_copy(update={"on_bad_input": "skip"})),
+                               config.evaluation.calibration_fraction)
     except (IngestError, MvtecLayoutError, ValueError) as error:
         typer.echo(f"the images could not be surveyed ({error}); the defaults are kept")
     else:

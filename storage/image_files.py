@@ -147,8 +147,17 @@ def decode_mask(path: Path) -> np.ndarray:
     return pixels.max(axis=2) > 0
 
 
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def bits_per_sample(path: Path) -> int:
+    """8, or 16 for an image stored with more than 8 bits per pixel (which `decode_image` scales to 8)."""
+    with Image.open(path) as image:
+        return 16 if image.mode in _WIDE_MODES else 8
+
+
 def _to_uint8(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in _WIDE_MODES:
         # 16-bit inspection cameras are common; scale to 8 bits so every detector sees one range.
         wide = np.asarray(image, dtype=np.float64)
         span = wide.max() - wide.min()

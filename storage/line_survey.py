@@ -1,45 +1,69 @@
 """What a new line's folder holds, and the settings of its first config that follow from it (`init-line`).
 
 Only facts of the data decide here: how large the images are (a line is not scaled up past its images),
-whether the training images are colour, how many good images there are to fit on, and whether defects
-come with masks. Settings that need measuring (budgets, depths, which detectors) keep their defaults.
+whether the training images are colour, how many bits their pixels were stored with, how many good
+images there are to fit on, and whether defects come with masks. Every setting written comes with one
+line saying why.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from patchline.models.config import LineConfig
-from patchline.storage.manifest import Manifest
+from patchline.storage.image_files import bits_per_sample
+from patchline.storage.manifest import Manifest, ManifestRow, hold_out_calibration
+from patchline.storage.sources import PIXEL_READERS
 
 # PatchCore's backbones need an 8 × 8 grid of stride-8 features at least; sizes are multiples of their
 # largest stride, 32.
 SMALLEST_IMAGE_SIZE, SIZE_STEP = 64, 32
+# The networks' four stride-2 stages need multiples of 16 (models/oesdn/autoencoder.py).
+NETWORK_SIZE_STEP = 16
 FEW_TRAINING_IMAGES = 20
+# Each epoch takes at least this many optimizer steps, so early stopping compares epochs that each
+# moved the weights; batches stay between 2 images and the default 16.
+STEPS_PER_EPOCH = 8
+# The networks' epoch cap is a budget of image passes at 64 px (images × epochs × (size / 64)²):
+# 100 epochs over ELPV's ~400 fit cells, the budget the bundled lines train under; a larger or
+# higher-resolution line gets fewer epochs, never fewer than MIN_EPOCHS.
+IMAGE_PASSES_AT_64 = 40_000
+MIN_EPOCHS = 10
 
 
 @dataclass(frozen=True)
 class LineSurvey:
     train_good: int
+    fit_good: int  # the good training images a model fits on (the rest calibrate thresholds)
     short_sides: tuple[int, int, int]  # smallest, median, largest short side of the training images, px
     sizes: tuple[tuple[int, int], tuple[int, int]]  # the smallest and largest (width, height) of all images
     colour: bool  # the training images have three channels
+    bits: int  # 8, or 16 when any training image was stored with more than 8 bits per pixel
     defective: int
     with_masks: int
 
     @classmethod
-    def of(cls, manifest: Manifest) -> LineSurvey:
+    def of(cls, manifest: Manifest, calibration_fraction: float) -> LineSurvey:
         train = manifest.select("train", "good")
         if not train:
             raise ValueError("no good training images to survey")
+        fit, _ = hold_out_calibration(train, calibration_fraction)
         short = np.array([min(row.width, row.height) for row in train])
         areas = sorted((row.width * row.height, (row.width, row.height)) for row in manifest.rows)
         defective = [row for row in manifest.rows if row.label == "anomaly"]
-        return cls(len(train), (int(short.min()), int(np.median(short)), int(short.max())),
-                   (areas[0][1], areas[-1][1]), any(row.channels == 3 for row in train), len(defective),
-                   sum(1 for row in defective if row.mask))
+        return cls(len(train), len(fit), (int(short.min()), int(np.median(short)), int(short.max())),
+                   (areas[0][1], areas[-1][1]), any(row.channels == 3 for row in train),
+                   max(_bits(row) for row in train), len(defective), sum(1 for row in defective if row.mask))
+
+
+def _bits(row: ManifestRow) -> int:
+    scheme, separator, _ = row.source.partition(":")
+    # Bundled sets (ELPV) are 8-bit arrays; everything else is an image file whose header says.
+    return 8 if separator and scheme in PIXEL_READERS else bits_per_sample(Path(row.source))
 
 
 def fitted_config(config: LineConfig, survey: LineSurvey) -> tuple[LineConfig, list[str]]:
@@ -59,12 +83,29 @@ def fitted_config(config: LineConfig, survey: LineSurvey) -> tuple[LineConfig, l
     else:
         reasons.append(f"image_size: {size} (the default; the training images' median short side is {median} px"
                        f"{varying})")
+    oesdn = config.oesdn
+    network_size = max(NETWORK_SIZE_STEP, min(oesdn.image_size, median // NETWORK_SIZE_STEP * NETWORK_SIZE_STEP))
+    reasons.append(f"oesdn.image_size: {network_size} (" + (
+        "the default" if network_size == oesdn.image_size else f"the training images' median short side is {median} px")
+        + ")")
     channels = 3 if survey.colour else 1
     reasons.append(f"oesdn.channels: {channels} (the training images are {'colour' if survey.colour else 'grey'})")
-    oesdn = config.oesdn.model_copy(update={"channels": channels})
-    # At least two are held out (storage/manifest.py, `hold_out_calibration`).
-    held = max(2, round(survey.train_good * config.evaluation.calibration_fraction))
-    reasons.append(f"{survey.train_good} good training images, about {held} of them held "
+    if survey.bits > 8:
+        reasons.append("16-bit training images: each image is scaled to 8 bits between its own darkest and "
+                       "brightest pixel, so brightness is compared within an image, not between images")
+    trained = max(2, survey.fit_good - round(survey.fit_good * oesdn.val_fraction))
+    batch = max(2, min(oesdn.batch_size, trained // STEPS_PER_EPOCH))
+    reasons.append(f"oesdn.batch_size: {batch} ({trained} images train the networks"
+                   + (f": at least {STEPS_PER_EPOCH} steps per epoch)" if batch < oesdn.batch_size else ")"))
+    passes = trained * (network_size / 64) ** 2
+    epochs = max(MIN_EPOCHS, min(oesdn.epochs, math.floor(IMAGE_PASSES_AT_64 / passes)))
+    reasons.append(f"oesdn.epochs, oesdn.sdn_epochs: {epochs} (" + (
+        "the default cap; training stops earlier when the held-out loss stops falling" if epochs == oesdn.epochs
+        else f"a budget of {IMAGE_PASSES_AT_64:,} image passes at 64 px over {trained} images at {network_size} px")
+        + ")")
+    oesdn = oesdn.model_copy(update={"image_size": network_size, "channels": channels, "batch_size": batch,
+                                     "epochs": epochs, "sdn_epochs": epochs})
+    reasons.append(f"{survey.train_good} good training images, {survey.train_good - survey.fit_good} of them held "
                    "out for calibration" + (f"; fewer than {FEW_TRAINING_IMAGES} make thresholds coarse and "
                                             "the networks weak" if survey.train_good < FEW_TRAINING_IMAGES else ""))
     reasons.append(f"masks for {survey.with_masks} of {survey.defective} defective test images"

@@ -235,26 +235,77 @@ def test_the_cli_sets_prefects_home_before_anything_loads_prefect(tmp_path):
     assert result.stdout.split() == ["[]", str(tmp_path / "prefect")]
 
 
-def test_cli_init_line_reads_the_data_and_says_why_for_each_setting(tmp_path):
+def _folder(root: Path, train: list[np.ndarray], defects: list[np.ndarray], masked: int = 0) -> Path:
+    for i, pixels in enumerate(train):
+        write_image(root / "train" / "good" / f"{i:03d}.png", pixels)
+    for i, pixels in enumerate(defects):
+        write_image(root / "test" / "good" / f"{i:03d}.png", 255 - train[i])  # not a copy: ingest refuses those
+        write_image(root / "test" / "dent" / f"{i:03d}.png", pixels)
+    for i in range(masked):
+        mask = np.zeros(defects[i].shape[:2], np.uint8)
+        mask[10:20, 5:9] = 255
+        write_image(root / "ground_truth" / "dent" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+def _noise(count: int, shape: tuple[int, ...], dtype: type = np.uint8, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype) for _ in range(count)]
+
+
+_SURVEYED_FOLDERS = {
+    # 6 colour goods of 150 × 120 px, defects of 160 × 130 px, one with a mask.
+    "colour": (lambda: (_noise(6, (120, 150, 3)), _noise(2, (130, 160, 3), seed=1), 1),
+               {"image_size": 96, "oesdn.image_size": 64, "oesdn.channels": 3, "oesdn.batch_size": 2,
+                "oesdn.epochs": 100},
+               ["image_size: 96 (the training images' median short side is 120 px; a line is not scaled up past its "
+                "images; sizes vary from 150×120 to 160×130, each image is resized)",
+                "oesdn.image_size: 64 (the default)",
+                "oesdn.channels: 3 (the training images are colour)",
+                "oesdn.batch_size: 2 (4 images train the networks: at least 8 steps per epoch)",
+                "6 good training images, 2 of them held out for calibration; fewer than 20",
+                "masks for 1 of 2 defective test images: pixel AUROC is reported"]),
+    # 600 grey goods of 64 px: more than the epoch budget covers at the default cap.
+    "grey": (lambda: (_noise(600, (64, 64)), _noise(2, (64, 64), seed=1), 0),
+             {"image_size": 64, "oesdn.image_size": 64, "oesdn.channels": 1, "oesdn.batch_size": 16,
+              "oesdn.epochs": 84},
+             ["image_size: 64 (the training images' median short side is 64 px; a line is not scaled up past its "
+              "images)",
+              "oesdn.channels: 1 (the training images are grey)",
+              "oesdn.epochs, oesdn.sdn_epochs: 84 (a budget of 40,000 image passes at 64 px over 476 images at 64 px)",
+              "masks for 0 of 2 defective test images: image metrics only"]),
+    # 16-bit grey goods of 48 px: below the backbones' least size, not below the networks'.
+    "16-bit": (lambda: (_noise(24, (48, 48), np.uint16), _noise(2, (48, 48), np.uint16, seed=1), 0),
+               {"image_size": 64, "oesdn.image_size": 48, "oesdn.channels": 1, "oesdn.batch_size": 2},
+               ["image_size: 64 (the least PatchCore's backbones take; the training images' median short side is "
+                "48 px)",
+                "oesdn.image_size: 48 (the training images' median short side is 48 px)",
+                "16-bit training images: each image is scaled to 8 bits between its own darkest and brightest "
+                "pixel, so brightness is compared within an image, not between images"]),
+    # Grey goods of three sizes: the median short side decides.
+    "mixed sizes": (lambda: ([*_noise(3, (100, 200)), *_noise(3, (150, 300), seed=1), *_noise(3, (200, 400), seed=2)],
+                             _noise(2, (150, 300), seed=3), 0),
+                    {"image_size": 128, "oesdn.image_size": 64, "oesdn.channels": 1},
+                    ["image_size: 128 (the training images' median short side is 150 px; a line is not scaled up "
+                     "past its images; sizes vary from 200×100 to 400×200, each image is resized)"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(_SURVEYED_FOLDERS))
+def test_cli_init_line_reads_the_data_and_says_why_for_each_setting(tmp_path, kind):
     """Issue 37: `init-line` looks at the images before it writes settings: not scaled up past them, colour
-    for colour data, and it says how many images and masks it found."""
-    root = tmp_path / "parts"
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        write_image(root / "train" / "good" / f"{i:03d}.png", rng.integers(0, 256, (120, 150, 3), dtype=np.uint8))
-    for i in range(2):
-        write_image(root / "test" / "good" / f"{i:03d}.png", rng.integers(0, 256, (120, 150, 3), dtype=np.uint8))
-        write_image(root / "test" / "dent" / f"{i:03d}.png", rng.integers(0, 256, (130, 160, 3), dtype=np.uint8))
-    mask = np.zeros((130, 160), np.uint8)
-    mask[10:20, 5:9] = 255
-    write_image(root / "ground_truth" / "dent" / "000_mask.png", mask)
+    for colour data, the networks' batches and epochs sized to the images, 16-bit data named, and one line
+    saying why for each."""
+    make, expected, reasons = _SURVEYED_FOLDERS[kind]
+    root = _folder(tmp_path / "parts", *make())
     config_path = tmp_path / "parts.yaml"
     result = runner.invoke(app, ["init-line", "parts", "--mvtec-root", str(root), "--out", str(config_path)])
     assert result.exit_code == 0, result.output
-    config = load_line(config_path)
-    assert config.image_size == 96 and config.oesdn.channels == 3
-    assert ("image_size: 96 (the training images' median short side is 120 px; a line is not scaled up past its "
-            "images; sizes vary from 150×120 to 160×130, each image is resized)") in result.output
-    assert "oesdn.channels: 3 (the training images are colour)" in result.output
-    assert "6 good training images, about 2 of them held out for calibration; fewer than 20" in result.output
-    assert "masks for 1 of 2 defective test images: pixel AUROC is reported" in result.output
+    config = load_line(config_path).model_dump()
+    for field, value in expected.items():
+        section, _, key = field.rpartition(".")
+        assert (config[section] if section else config)[key] == value, field
+    for reason in reasons:
+        assert reason in result.output
+    assert ("16-bit" in result.output) == (kind == "16-bit")
+
