@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.oesdn_protocols import DEFECT_KINDS, digits_protocols, paint_defect, texture_image, texture_protocol
+from benchmarks.oesdn_protocols import (DEFECT_KINDS, digits_protocols, object_image, object_protocol, paint_defect,
+                                        texture_image, texture_protocol)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +57,31 @@ def test_texture_protocol_keeps_train_and_test_rows_apart() -> None:
         texture_image("marble")
 
 
+def test_digits_scale_up_to_a_users_image_size() -> None:
+    small, large = digits_protocols()[3], digits_protocols(image_size=64)[3]
+    assert all(image.shape == (64, 64) and image.dtype == np.uint8 for image in large.train)
+    assert len(large.train) == len(small.train) and np.array_equal(large.test.labels, small.test.labels)
+    # The same digit, larger: its 8 × 8 block means follow the original's pixels (bilinear blurs the blocks' edges).
+    pooled = large.train[0].reshape(8, 8, 8, 8).mean(axis=(1, 3))
+    assert np.corrcoef(pooled.ravel(), small.train[0].ravel())[0, 1] > 0.95
+
+
+def test_object_protocol_shoots_one_colour_object_with_painted_defects() -> None:
+    protocol = object_protocol("coffee", train_shots=6, eval_shots=6)
+    assert all(shot.shape == (128, 128, 3) for shot in [*protocol.train, *protocol.test.images])
+    # No two shots alike: each has its own framing, exposure and noise.
+    assert len({shot.tobytes() for shot in protocol.train}) == 6
+    assert protocol.test.labels.tolist() == [0, 1] * 3 and protocol.test.masks.shape == (6, 128, 128)
+    assert [bool(mask.any()) for mask in protocol.test.masks] == [bool(label) for label in protocol.test.labels]
+    image, donor = protocol.train[0], object_image("rocket")
+    for kind in DEFECT_KINDS:
+        defective, mask = paint_defect(image, kind, np.random.default_rng(1), donor)
+        assert defective.shape == image.shape and np.array_equal(defective[~mask], image[~mask]), kind
+        assert np.abs(defective[mask].astype(int) - image[mask].astype(int)).mean() > 20, kind
+    with pytest.raises(ValueError, match="unknown object"):
+        object_image("teapot")
+
+
 def _rows_of(crop: np.ndarray, photo: np.ndarray) -> range:
     for top in range(photo.shape[0] - 63):
         for left in range(photo.shape[1] - 63):
@@ -81,3 +107,13 @@ def test_benchmark_runs_as_a_script_and_ends_with_its_summary_line() -> None:
               "aupro_ae", "aupro_oesdn")
     assert re.fullmatch(r"oesdn protocol=texture " + " ".join(f"{f}=[01]\\.\\d{{4}}" for f in fields) + r" train_s=\d+", last)
     assert "case=brick seed=0 split=test" in out
+
+
+def test_benchmark_at_init_line_settings_marks_its_lines() -> None:
+    out = _run("--protocol", "digits", "--image-size", "64", "--defaults", "--cases", "3", "--seeds", "0",
+               "--threads", "1", "--set", "epochs=1", "--set", "sdn_epochs=1", "--set", "ae_base_width=4",
+               "--set", "sdn_base_width=8")
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all(line.endswith(" defaults=init-line") for line in lines)
+    assert re.fullmatch(r"oesdn protocol=digits image_size=64 auroc_ae=[01]\.\d{4} auroc_ae_ssim=[01]\.\d{4} "
+                        r"auroc_sdn=[01]\.\d{4} auroc_oesdn=[01]\.\d{4} train_s=\d+ defaults=init-line", lines[-1])
