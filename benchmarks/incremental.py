@@ -5,16 +5,18 @@
 Under a fresh temporary PATCHLINE_HOME (deleted afterwards), with the line's bundled config:
 1. the line is rebuilt with `--new-share` of its train normals held back (`source.train_share`): v1;
 2. the held-back images are added and the line rebuilt as the nightly does: the champion's bank grown by
-   the new images' patches, its networks warm-started (`incremental_s`);
+   the new images' patches, the networks trained on all the fit images (`incremental_s`);
 3. the same data is rebuilt from nothing (`--force --full`: `full_s`); the new images' features are
    already in the store by then, so `full_s` leaves out their extraction, which `incremental_s` includes;
 4. the line is rebuilt once more on unchanged data, which the nightly skips (`skip_s`).
 Then, untimed: the coverage radius of each bank over every fit patch (in the projected space the
 coreset selects in), and their ratio `radius_ratio` = incremental ÷ full. AUROCs are image AUROC on the
-line's test split, for PatchCore (`auroc_*`) and, on the line before it, every detector.
+line's test split, for PatchCore (`auroc_*`) and, on the lines before it, every detector; the networks of
+the two rebuilds are compared by their bundle digests (`networks=identical` or `networks=differ`).
 
 Ends with one line:
     incremental line=<l> full_s=<s> incremental_s=<s> radius_ratio=<r> auroc_full=<a> auroc_incremental=<b> skip_s=<s>
+        networks=<identical|differ>
 """
 
 from __future__ import annotations
@@ -65,6 +67,23 @@ def bank_radius(config: LineConfig, version: str) -> float:
                                     projection_dim=config.patchcore.projection_dim)
 
 
+def same_networks(config: LineConfig, versions: tuple[str, str]) -> bool:
+    """Whether two versions' networks (every enabled AE and SDN) hold equal weights."""
+    import mlflow
+    import torch
+
+    from patchline.storage.registry import registered_model_name
+
+    networks = []
+    for version in versions:
+        detectors = mlflow.pyfunc.load_model(f"models:/{registered_model_name(config.name)}/{version}"
+                                             ).unwrap_python_model().detector.detectors
+        networks.append([module.state_dict() for name in ("ae", "oesdn") if name in detectors
+                         for module in (getattr(detectors[name], "autoencoder", None), getattr(detectors[name], "sdn", None))
+                         if module is not None])
+    return all(a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a) for a, b in zip(*networks))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--line", default="elpv", help="bundled ELPV line (elpv, elpv-mono, elpv-poly) or a config path")
@@ -84,16 +103,17 @@ def main() -> None:
     configure_environment()
     # Prefect and the flow are imported only now, so they pick up the temporary home.
     from patchline.flows.rebuild import rebuild_product_line
+    from patchline.tasks.outcome import RebuildResult
 
     # Prefect has configured logging by now, so progress goes to stderr as plain lines.
     print(f"line {config.name}, {100 * args.new_share:.0f}% of its train normals added after v1, "
           f"PATCHLINE_HOME {home}", file=sys.stderr)
 
-    def timed(label: str, **options) -> tuple[dict, float]:
+    def timed(label: str, **options) -> tuple[RebuildResult, float]:
         started = time.perf_counter()
         result = rebuild_product_line(before if label == "v1" else after, **options)
         seconds = time.perf_counter() - started
-        print(f"{label}: {seconds:.1f} s, version {result.version}, reuse {result.get('reuse')}", file=sys.stderr)
+        print(f"{label}: {seconds:.1f} s, version {result.version}, reuse {result.reuse}", file=sys.stderr)
         return result, seconds
 
     try:
@@ -106,6 +126,7 @@ def main() -> None:
                                f"{skipped.reason}")
         radii = {name: bank_radius(after, result.version) for name, result in (("incremental", incremental),
                                                                                      ("full", full))}
+        identical = same_networks(after, (incremental.version, full.version))
     finally:
         if args.keep:
             print(f"kept {home}", file=sys.stderr)
@@ -116,8 +137,9 @@ def main() -> None:
             f"{detector} {value:.4f}" for detector, value in result.image_auroc.items()))
     print(f"incremental line={config.name} full_s={full_s:.1f} incremental_s={incremental_s:.1f} "
           f"radius_ratio={radii['incremental'] / radii['full']:.4f} "
-          f"auroc_full={full['image_auroc']['patchcore']:.4f} "
-          f"auroc_incremental={incremental.image_auroc['patchcore']:.4f} skip_s={skip_s:.1f}")
+          f"auroc_full={full.image_auroc['patchcore']:.4f} "
+          f"auroc_incremental={incremental.image_auroc['patchcore']:.4f} skip_s={skip_s:.1f} "
+          f"networks={'identical' if identical else 'differ'}")
 
 
 if __name__ == "__main__":

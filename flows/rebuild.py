@@ -135,7 +135,7 @@ def _rebuild(config: LineConfig, run: StartedRun, data: LineData, screening: Scr
         bank = build_memory_bank_task.submit(config, stored, selected)
     fits = {}
     for name in plan.from_images:
-        fits[name] = fit_detector_task.submit(config, name, data.fit, {e: fits[e] for e in plan.after(name)}, champion)
+        fits[name] = fit_detector_task.submit(config, name, data.fit, {e: fits[e] for e in plan.after(name)})
     for name in plan.from_features:
         stored, selected, fitted[name] = stored.result(), selected.result(), bank.result()
         kept = 0 if selected.kept is None else len(selected.kept)

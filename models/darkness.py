@@ -58,8 +58,7 @@ class DarknessDetector:
         return cls(config.image_size)
 
 
-def fit_darkness(config: LineConfig, images: Sequence[np.ndarray], start: Detector | None,
-                 fitted: Mapping[str, Detector]) -> Fitted:
+def fit_darkness(config: LineConfig, images: Sequence[np.ndarray], fitted: Mapping[str, Detector]) -> Fitted:
     """Nothing to learn: the detector for the line's map size (the images are not read)."""
     return Fitted(DarknessDetector(config.image_size))
 

@@ -40,9 +40,10 @@ class Fitted:
     histories: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
-# (line config, good fit images, the champion's fitted detector to warm-start from or None, the detectors
-# of its `after` already fitted in this rebuild) → the fitted detector.
-Fit = Callable[["LineConfig", Sequence[np.ndarray], Detector | None, Mapping[str, Detector]], Fitted]
+# (line config, good fit images, the detectors of its `after` already fitted in this rebuild) → the fitted
+# detector. Every rebuild, incremental or full, fits it on all the fit images: the same images, config and
+# seed give the same detector (benchmarks/README.md, "Incremental rebuilds retrain the networks").
+Fit = Callable[["LineConfig", Sequence[np.ndarray], Mapping[str, Detector]], Fitted]
 Loader = Callable[[Path, "LineConfig", torch.device | None], Detector]
 
 
@@ -55,11 +56,9 @@ class DetectorSpec:
     pydantic model of its own config section, `detector_settings: {<name>: ...}` in a line config (the
     built-in detectors have theirs as `patchcore:` and `oesdn:`). `after` names detectors that, when the
     line enables them too, are fitted first and handed to `fit` (OE-SDN reuses the AE baseline's
-    autoencoder instead of training a second one). With `warm_start`, an incremental rebuild fits it on the
-    new and replayed fit images starting from the champion's (tasks/incremental.py)."""
+    autoencoder instead of training a second one)."""
 
     load: Loader
     fit: Fit | None
     settings: type[BaseModel] | None = None
     after: tuple[str, ...] = ()
-    warm_start: bool = False

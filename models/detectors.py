@@ -19,9 +19,9 @@ from patchline.models.oesdn.detector import AutoencoderDetector, OeSdnDetector, 
 from patchline.models.patchcore.detector import PatchCoreDetector
 
 DETECTORS: dict[str, DetectorSpec] = {
-    "patchcore": DetectorSpec(load=PatchCoreDetector.load, fit=None, warm_start=True),
-    "oesdn": DetectorSpec(load=OeSdnDetector.load, fit=fit_oesdn, after=("ae",), warm_start=True),
-    "ae": DetectorSpec(load=AutoencoderDetector.load, fit=fit_autoencoder, warm_start=True),
+    "patchcore": DetectorSpec(load=PatchCoreDetector.load, fit=None),
+    "oesdn": DetectorSpec(load=OeSdnDetector.load, fit=fit_oesdn, after=("ae",)),
+    "ae": DetectorSpec(load=AutoencoderDetector.load, fit=fit_autoencoder),
     "darkness": DetectorSpec(load=DarknessDetector.load, fit=fit_darkness),
 }
 

@@ -300,8 +300,8 @@ def _with_detectors(config: LineConfig, detectors: str | None) -> LineConfig:
 ForceOption = Annotated[bool, typer.Option(
     help="Rebuild even a line whose images and model settings equal its champion's (default: skip it).")]
 FullOption = Annotated[bool, typer.Option(
-    help="Rebuild from nothing even when only new good images arrived (default: grow the champion's bank "
-         "and warm-start its networks).")]
+    help="Rebuild from nothing even when only new good images arrived (default: grow the champion's bank; "
+         "the networks are trained on all the images either way).")]
 
 
 def _print_screening(line_arg: str, screening) -> None:

@@ -1,8 +1,9 @@
 """Fitting and scoring any registered detector (models/detectors.py): one task each, named by detector.
 
-Detectors that fit on images are fitted here, in the registry's order (`after`), each from the champion's
-when the rebuild is incremental and the detector warm-starts. PatchCore fits from the line's patch-feature
-store instead (tasks/patchcore.py), and scores from it too.
+Detectors that fit on images are fitted here, in the registry's order (`after`), on all the fit images in
+every rebuild (an incremental one too: the same images, config and seed give the same detector). PatchCore
+fits from the line's patch-feature store instead (tasks/patchcore.py), and scores from it too; its bank is
+what an incremental rebuild grows.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from patchline.models.scoring.detection import Detections
 from patchline.models.process import stopwatch
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.pixels import PixelRows
-from patchline.tasks.incremental import Reuse
 
 
 @dataclass(frozen=True)
@@ -51,22 +51,13 @@ def plan_fits(config: LineConfig) -> FitPlan:
 
 
 @task(name="fit-detector", task_run_name="fit-{name}", cache_policy=NO_CACHE)
-def fit_detector_task(config: LineConfig, name: str, rows: list[ManifestRow], fitted: dict[str, FittedDetector],
-                      reuse: Reuse | None = None) -> FittedDetector:
-    """One detector fitted on the line's good fit images, or warm-started from the champion's on its new and
-    replayed ones; `fitted` holds the detectors of its `after` fitted earlier in this rebuild."""
-    spec = DETECTORS[name]
-    start = reuse.detector.detectors.get(name) if spec.warm_start and reuse is not None and reuse.incremental else None
-    note = ""
-    if start is not None:
-        replayed = reuse.replayed(config.oesdn.seed)
-        note = (f"warm-started from champion v{reuse.version} on its {len(reuse.new_fit)} new fit images and "
-                f"{len(replayed) - len(reuse.new_fit)} replayed old ones")
-        rows = replayed
-    elif spec.warm_start:
-        note = f"trained from scratch on {len(rows)} fit images"
+def fit_detector_task(config: LineConfig, name: str, rows: list[ManifestRow],
+                      fitted: dict[str, FittedDetector]) -> FittedDetector:
+    """One detector fitted on the line's good fit images; `fitted` holds the detectors of its `after` fitted
+    earlier in this rebuild."""
     with stopwatch() as elapsed:
-        result = spec.fit(config, PixelRows(rows), start, {key: value.detector for key, value in fitted.items()})
+        result = DETECTORS[name].fit(config, PixelRows(rows), {key: value.detector for key, value in fitted.items()})
+    note = f"trained from scratch on {len(rows)} fit images" if result.histories else ""
     logger = get_run_logger()
     for network, history in result.histories.items():
         best_val = min(history["val_loss"]) if history.get("val_loss") else float("nan")

@@ -1,6 +1,7 @@
 """What a rebuild reuses of its champion: when only new good images arrived since the champion was built
-(same model settings, none of its fit images gone), the memory bank grows by the new images' patches and
-both networks start from the champion's weights. Every other case is a full rebuild, and says why."""
+(same model settings, none of its fit images gone), the memory bank grows by the new images' patches (the
+networks are trained on all the fit images in every rebuild: tasks/detectors.py). Every other case is a
+full rebuild, and says why."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from patchline.models.config import LineConfig
-from patchline.models.incremental import MAX_NEW_SHARE, replayed_old, too_many_new
+from patchline.models.incremental import MAX_NEW_SHARE, too_many_new
 from patchline.models.line_detector import LineDetector
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.registry import champion_version, registered_model_name
@@ -34,16 +35,11 @@ class Reuse:
     version: str | None = None
     detector: LineDetector | None = None
     coreset_radius: float | None = None
-    old_fit: tuple[ManifestRow, ...] = ()
     new_fit: tuple[ManifestRow, ...] = ()
 
     @property
     def incremental(self) -> bool:
         return self.detector is not None
-
-    def replayed(self, seed: int) -> list[ManifestRow]:
-        """The new fit images and a seeded sample of the old ones: what a warm start trains on."""
-        return [*self.new_fit, *(self.old_fit[i] for i in replayed_old(len(self.old_fit), len(self.new_fit), seed))]
 
 
 def write_fit_ids(data: LineData, folder: Path) -> Path:
@@ -95,4 +91,4 @@ def _reusable_champion(config: LineConfig, data: LineData, full: bool) -> Reuse:
         return Reuse(f"the model of {name} could not be loaded ({type(error).__name__}: {error})")
     return Reuse(f"from {name} (run {champion.run_id}): {len(new_fit)} new fit images beside its {len(old_ids)}",
                  str(champion.version), model.unwrap_python_model().detector, run.data.metrics.get("coreset_radius"),
-                 tuple(row for row in data.fit if row.id in old_ids), new_fit)
+                 new_fit)

@@ -42,7 +42,7 @@ def fit(name: str, config: LineConfig, fitted: dict[str, Detector]) -> Detector:
     """`name` fitted on IMAGES; PatchCore (fitted from the feature store in a rebuild) from its features here."""
     spec = DETECTORS[name]
     if spec.fit is not None:
-        return spec.fit(config, IMAGES, None, {k: v for k, v in fitted.items() if k in spec.after}).detector
+        return spec.fit(config, IMAGES, {k: v for k, v in fitted.items() if k in spec.after}).detector
     features = np.concatenate(list(PatchFeatureExtractor(config.patchcore, config.image_size).extract_images(IMAGES)))
     patches = features.reshape(-1, features.shape[-1])
     chosen = greedy_coreset(patches, coreset_size(len(patches), config.patchcore.coreset_ratio)).indices

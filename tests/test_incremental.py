@@ -35,9 +35,7 @@ def line(tmp_path_factory) -> tuple[Path, LineConfig, list[np.ndarray]]:
     config = LineConfig(
         name=LINE, source=MvtecSource(root=root), image_size=64,
         patchcore=PatchCoreConfig(coreset_ratio=0.1),
-        # A high learning rate, so that three epochs move the networks far from their seeded init.
-        oesdn=OeSdnConfig(image_size=32, epochs=3, sdn_epochs=3, batch_size=4, ae_base_width=8, sdn_base_width=16,
-                          learning_rate=1e-2),
+        oesdn=OeSdnConfig(image_size=32, epochs=3, sdn_epochs=3, batch_size=4, ae_base_width=8, sdn_base_width=16),
         evaluation=EvaluationConfig(calibration_fraction=0.2, detectors=("patchcore", "oesdn", "ae")),
         # Every version is promoted, so each rebuild starts from the one before.
         promotion=PromotionConfig(min_test_images=0, tolerance=1.0, max_detector_drop=1.0, max_miss_rate_increase=1.0,
@@ -88,8 +86,9 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
     assert tags[REUSE_TAG].startswith("incremental from champion v1 (run ")
     assert tags[REUSE_TAG].endswith(f"{len(new_fit)} new fit images beside its {len(old_fit)}")
     assert tags[f"{REUSE_TAG}.patchcore"].startswith("grown from champion v1: its ")
+    # The networks are not updated but trained on every fit image, old and new, as a full rebuild trains them.
     for detector in ("ae", "oesdn"):
-        assert tags[f"{REUSE_TAG}.{detector}"].startswith("warm-started from champion v1 on its "), detector
+        assert tags[f"{REUSE_TAG}.{detector}"] == f"trained from scratch on {len(old_fit) + len(new_fit)} fit images"
     # The champion's bank is kept whole, grown to the line's ratio of every fit patch now, and covers all
     # of them (old and new) within the radius the run reports.
     old_bank, new_bank, patches = bank_of("1"), bank_of("2"), fit_patches(config)
@@ -104,12 +103,6 @@ def test_new_good_images_grow_the_champion_and_drift_falls_back(home, line) -> N
     cache = NearestCache(Path(feature_root()) / LINE / "nearest")
     assert test <= set(cache.load(bank_key(old_bank, "indexed")))
     assert scored <= set(cache.load(bank_key(new_bank, "indexed")))
-    # Warm-started, each network's held-out loss before training is near where v1's training ended, far
-    # below what v1 reached after its first epoch from a seeded init.
-    for network in ("autoencoder", "sdn"):
-        start = client.get_metric_history(grown.run_id, f"loss_{network}_start_val_loss")
-        first_epoch = [m for m in client.get_metric_history(first.run_id, f"loss_{network}_val_loss") if m.step == 0]
-        assert len(start) == 1 and start[0].value < 0.8 * first_epoch[0].value, network
 
     # Random black and white squares look like nothing the bank holds, and few of their patches alike: the
     # bank's share of picks cannot cover them as tightly as the champion covered its cells.

@@ -215,35 +215,3 @@ def test_configs_of_models_registered_before_augmentations_still_load() -> None:
     assert old.augmentations == () and old.image_score == "top_k_mean"
     assert round(old.score_top_fraction * 64**2) == 41
     assert OeSdnConfig.model_validate({"hflip": True, "vflip": True, "score_top_k": None}).image_score == "max"
-
-
-def _distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return float(sum((p - q).square().sum() for p, q in zip(a.state_dict().values(), b.state_dict().values())).sqrt())
-
-
-def test_a_warm_start_continues_from_the_given_weights(trained: dict, cells: tuple) -> None:
-    """Warm-started, both networks begin where the trained ones ended: the first held-out loss is that
-    of the trained network (not of a fresh init), the weights stay near the trained ones, and the
-    trained networks themselves are not changed."""
-    train, _ = cells
-    device, short = torch.device("cpu"), CONFIG.model_copy(update={"epochs": 2, "sdn_epochs": 2})
-    before = {name: {k: v.clone() for k, v in trained[name].state_dict().items()} for name in ("ae", "sdn")}
-    warm_ae, warm_history = train_autoencoder(train[:24], short, device, start=trained["ae"])
-    fresh_ae, fresh_history = train_autoencoder(train[:24], short, device)
-    assert warm_history["val_loss"][0] < 0.8 * fresh_history["val_loss"][0]
-    assert _distance(warm_ae, trained["ae"]) < 0.5 * _distance(fresh_ae, trained["ae"])
-    warm_sdn, _ = train_sdn(train[:24], warm_ae, short, device=device, start=trained["sdn"])
-    fresh_sdn, _ = train_sdn(train[:24], warm_ae, short, device=device)
-    assert _distance(warm_sdn, trained["sdn"]) < 0.5 * _distance(fresh_sdn, trained["sdn"])
-    for name in ("ae", "sdn"):
-        for key, value in trained[name].state_dict().items():
-            assert torch.equal(value, before[name][key]), f"{name}.{key} was changed by the warm start"
-    assert len(warm_history["start_val_loss"]) == 1 and "start_val_loss" not in fresh_history
-    # Training that only makes them worse on the held-out images leaves the champion's weights as they were.
-    wild = CONFIG.model_copy(update={"epochs": 2, "learning_rate": 5.0, "patience": 2})
-    kept, kept_history = train_autoencoder(train[:24], wild, device, start=trained["ae"])
-    assert not any(loss < kept_history["start_val_loss"][0] for loss in kept_history["val_loss"])
-    assert _distance(kept, trained["ae"]) == 0.0
-    other = CONFIG.model_copy(update={"ae_base_width": 4})
-    with pytest.raises(ValueError, match="cannot warm-start a ConvAutoencoder from one of other settings"):
-        train_autoencoder(train[:24], other, device, start=trained["ae"])

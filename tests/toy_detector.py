@@ -73,8 +73,7 @@ def _pixels(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.repeat(np.asarray(grey, np.float32)[None, None] / 255.0, 3, axis=1))
 
 
-def fit_toy(config: LineConfig, images: Sequence[np.ndarray], start: Detector | None,
-            fitted: Mapping[str, Detector]) -> Fitted:
+def fit_toy(config: LineConfig, images: Sequence[np.ndarray], fitted: Mapping[str, Detector]) -> Fitted:
     size = config.settings_of("toy").size
     mean = torch.cat([grey(_pixels(image), size) for image in images]).mean(0)[0]
     return Fitted(ToyDetector(mean.numpy(), config.image_size))

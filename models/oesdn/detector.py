@@ -65,22 +65,19 @@ class OeSdnDetector:
                    config.image_size)
 
 
-def fit_autoencoder(config: LineConfig, images: Sequence[np.ndarray], start: Detector | None,
-                    fitted: Mapping[str, Detector]) -> Fitted:
-    """The AE baseline trained on `images`, from `start`'s autoencoder when given."""
-    network, history = train_autoencoder(images, config.oesdn, start=None if start is None else start.autoencoder)
+def fit_autoencoder(config: LineConfig, images: Sequence[np.ndarray], fitted: Mapping[str, Detector]) -> Fitted:
+    """The AE baseline trained on `images`."""
+    network, history = train_autoencoder(images, config.oesdn)
     return Fitted(AutoencoderDetector(network, config.oesdn, config.image_size), {"autoencoder": history})
 
 
-def fit_oesdn(config: LineConfig, images: Sequence[np.ndarray], start: Detector | None,
-              fitted: Mapping[str, Detector]) -> Fitted:
+def fit_oesdn(config: LineConfig, images: Sequence[np.ndarray], fitted: Mapping[str, Detector]) -> Fitted:
     """The SDN trained against the AE: the AE baseline's when the line fitted one (`fitted["ae"]`), else
-    one trained here; each from `start`'s networks when given."""
+    one trained here."""
     histories = {}
     if "ae" in fitted:
         autoencoder = fitted["ae"].autoencoder
     else:
-        autoencoder, histories["autoencoder"] = train_autoencoder(
-            images, config.oesdn, start=None if start is None else start.autoencoder)
-    sdn, histories["sdn"] = train_sdn(images, autoencoder, config.oesdn, start=None if start is None else start.sdn)
+        autoencoder, histories["autoencoder"] = train_autoencoder(images, config.oesdn)
+    sdn, histories["sdn"] = train_sdn(images, autoencoder, config.oesdn)
     return Fitted(OeSdnDetector(autoencoder, sdn, config.oesdn, config.image_size), histories)

@@ -66,31 +66,26 @@ def rotate_batch(batch: torch.Tensor, generator: torch.Generator,
     return rotated, turns
 
 
-def train_autoencoder(images: Sequence[np.ndarray], config: OeSdnConfig, device: torch.device | None = None,
-                      start: ConvAutoencoder | None = None) -> tuple[ConvAutoencoder, History]:
-    """Uint8 good images → the trained autoencoder (eval mode, on `device`) and its per-epoch losses.
-
-    `start` warm-starts from a trained autoencoder's weights (left as they are) instead of a seeded init."""
+def train_autoencoder(images: Sequence[np.ndarray], config: OeSdnConfig,
+                      device: torch.device | None = None) -> tuple[ConvAutoencoder, History]:
+    """Uint8 good images → the trained autoencoder (eval mode, on `device`) and its per-epoch losses."""
     device = device or pick_device()
     with _seeded(config.seed):
         model = ConvAutoencoder(config.channels, config.ae_base_width, config.ae_latent_dim, config.image_size)
-    _warm_start(model, start)
 
     def batch_loss(batch: torch.Tensor, _: torch.Generator) -> dict[str, torch.Tensor]:
         return {"loss": dssim_mse(model(batch), batch)}
 
-    history = _fit(model, batch_loss, _as_batch(images, config), config, config.epochs, device, "autoencoder",
-                   warm=start is not None)
+    history = _fit(model, batch_loss, _as_batch(images, config), config, config.epochs, device, "autoencoder")
     return model, history
 
 
 def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config: OeSdnConfig,
-              oe_lambda: float | None = None, device: torch.device | None = None,
-              start: StyleDistillationNetwork | None = None) -> tuple[StyleDistillationNetwork, History]:
+              oe_lambda: float | None = None,
+              device: torch.device | None = None) -> tuple[StyleDistillationNetwork, History]:
     """Uint8 good images and the trained AE → the SDN (eval mode, on `device`) and its per-epoch losses.
 
-    `oe_lambda` overrides `config.oe_lambda`; 0 trains the SDN without outlier exposure. `start`
-    warm-starts from a trained SDN's weights (left as they are).
+    `oe_lambda` overrides `config.oe_lambda`; 0 trains the SDN without outlier exposure.
     """
     oe_lambda = config.oe_lambda if oe_lambda is None else oe_lambda
     if not 0.0 <= oe_lambda <= 1.0:
@@ -99,7 +94,6 @@ def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
     with _seeded(config.seed + 1):
         model = StyleDistillationNetwork(config.channels, config.sdn_base_width, config.image_size, config.sdn_depth)
-    _warm_start(model, start)
 
     def batch_loss(batch: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -114,8 +108,7 @@ def train_sdn(images: Sequence[np.ndarray], autoencoder: ConvAutoencoder, config
         return {"loss": (1 - oe_lambda) * kd + oe_lambda * oer, "kd": kd, "oer": oer}
 
     label = "oe-sdn" if oe_lambda else "sdn"
-    history = _fit(model, batch_loss, _as_batch(images, config), config, config.sdn_epochs, device, label,
-                   warm=start is not None)
+    history = _fit(model, batch_loss, _as_batch(images, config), config, config.sdn_epochs, device, label)
     return model, history
 
 
@@ -129,16 +122,6 @@ def _seeded(seed: int) -> Iterator[None]:
     with _GLOBAL_GENERATOR, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _warm_start(model: nn.Module, start: nn.Module | None) -> None:
-    """Copy `start`'s weights into `model`; the shapes must match (the same network settings)."""
-    if start is None:
-        return
-    try:
-        model.load_state_dict({key: value.detach().cpu() for key, value in start.state_dict().items()})
-    except RuntimeError as error:
-        raise ValueError(f"cannot warm-start a {type(model).__name__} from one of other settings: {error}") from error
 
 
 def _as_batch(images: Sequence[np.ndarray], config: OeSdnConfig) -> torch.Tensor:
@@ -162,10 +145,9 @@ def _augment(batch: torch.Tensor, config: OeSdnConfig, generator: torch.Generato
 
 
 def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: OeSdnConfig,
-         epochs: int, device: torch.device, label: str, warm: bool = False) -> History:
+         epochs: int, device: torch.device, label: str) -> History:
     """Adam on `batch_loss` until the held-out loss stops improving or for `epochs`; leaves the best epoch's
-    weights in `model`. Passing `config.max_train_seconds` raises `TrainingOverrunError`. A `warm` model's own weights compete too (history
-    `start_val_loss`): training that never beats them on the held-out images leaves them as they were."""
+    weights in `model`. Passing `config.max_train_seconds` raises `TrainingOverrunError`."""
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(data), generator=generator)
     held_out = min(len(data) - 1, round(len(data) * config.val_fraction)) if config.val_fraction else 0
@@ -177,9 +159,6 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
     history: History = {}
     # The weights kept are those of the last epoch that lowered the held-out loss by `min_improvement`.
     best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
-    if warm and len(val):
-        best_loss = _evaluate(model, batch_loss, val, config.batch_size, device, config.seed)["loss"]
-        history["start_val_loss"] = [best_loss]
     started = time.monotonic()
     stop = f"epoch cap {epochs}"
     progress = tqdm(range(epochs), desc=f"train {label}", disable=None, leave=False)
