@@ -28,8 +28,8 @@ FEW_TRAINING_IMAGES = 20
 # Each epoch takes at least this many optimizer steps, so early stopping compares epochs that each
 # moved the weights; batches stay between 2 images and the default 16.
 STEPS_PER_EPOCH = 8
-# The networks' epoch cap is a budget of image passes at 64 px (images × epochs × (size / 64)²):
-# 100 epochs over ELPV's ~400 fit cells, the budget the bundled lines train under; a larger or
+# The networks' epoch cap is a budget of image passes at 64 px (images × epochs × (size / 64)²), about
+# what the bundled `elpv` line's AE is capped at (40 epochs over its 924 fit cells at 64 px); a larger or
 # higher-resolution line gets fewer epochs, never fewer than MIN_EPOCHS.
 IMAGE_PASSES_AT_64 = 40_000
 MIN_EPOCHS = 10
