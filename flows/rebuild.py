@@ -42,8 +42,8 @@ def rebuild_product_line(config: LineConfig, wait: bool = True, force: bool = Fa
     this one fails at once naming it. New good training images are screened by the champion first, and
     those it calls anomalous are quarantined (tasks/screening.py). A line whose images (after the screen)
     and model settings equal its champion's is not rebuilt (its run records the skip), unless `force`.
-    When only new good images arrived, the champion's bank is grown and its networks warm-started
-    (tasks/incremental.py), unless `full`. `screen=False` fits on every good image, unscreened: for
+    When only new good images arrived, the champion's bank is grown (tasks/incremental.py), unless `full`;
+    the networks are trained on all the fit images in every rebuild. `screen=False` fits on every good image, unscreened: for
     comparisons (benchmarks/poison.py), not for a nightly. With `promotion.approval: manual` a challenger
     that passes the gate waits, the flow run paused, for a person's answer in the Prefect UI."""
     started = time.perf_counter()
