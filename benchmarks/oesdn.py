@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--split", choices=("val", "test"), default="test",
                         help="the protocols' validation images (to choose settings on) or their test images")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="network seeds")
-    parser.add_argument("--cases", nargs="+", help="only these cases (digits 0-9, texture names)")
+    parser.add_argument("--cases", nargs="+", help="only these cases (digits 0-9, texture or object names)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an OeSdnConfig field (YAML value), e.g. --set sdn_depth=3")
     parser.add_argument("--image-size", type=int, help="digits only: scale the 8 × 8 digits up to this many px")

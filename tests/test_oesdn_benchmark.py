@@ -117,3 +117,14 @@ def test_benchmark_at_init_line_settings_marks_its_lines() -> None:
     assert len(lines) == 3 and all(line.endswith(" defaults=init-line") for line in lines)
     assert re.fullmatch(r"oesdn protocol=digits image_size=64 auroc_ae=[01]\.\d{4} auroc_ae_ssim=[01]\.\d{4} "
                         r"auroc_sdn=[01]\.\d{4} auroc_oesdn=[01]\.\d{4} train_s=\d+ defaults=init-line", lines[-1])
+
+
+def test_object_protocol_at_init_line_settings_reports_maps_too() -> None:
+    out = _run("--protocol", "objects", "--defaults", "--cases", "coffee", "--seeds", "0", "--threads", "1",
+               "--set", "epochs=1", "--set", "sdn_epochs=1", "--set", "ae_base_width=4", "--set", "sdn_base_width=8")
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("oesdn protocol=objects case=coffee seed=0 split=test ")
+    fields = ("auroc_ae", "auroc_sdn", "auroc_oesdn", "pixel_auroc_ae", "pixel_auroc_sdn", "pixel_auroc_oesdn",
+              "aupro_ae", "aupro_oesdn")
+    assert re.fullmatch(r"oesdn protocol=objects " + " ".join(f"{f}=[01]\\.\\d{{4}}" for f in fields)
+                        + r" train_s=\d+ defaults=init-line", lines[-1])
