@@ -15,6 +15,13 @@ from benchmarks.oesdn_protocols import (DEFECT_KINDS, digits_protocols, object_i
                                         texture_image, texture_protocol)
 
 REPO = Path(__file__).resolve().parent.parent
+# One seed, one epoch, narrow networks: the command line end to end in seconds.
+TINY = ("--seeds", "0", "--threads", "1", "--set", "epochs=1", "--set", "sdn_epochs=1", "--set", "ae_base_width=4",
+        "--set", "sdn_base_width=8")
+# The metrics of the summary line of a protocol whose test images have masks, each a 4-decimal figure.
+MASKED_METRICS = " ".join(f"{field}=[01]\\.\\d{{4}}" for field in (
+    "auroc_ae", "auroc_sdn", "auroc_oesdn", "pixel_auroc_ae", "pixel_auroc_sdn", "pixel_auroc_oesdn", "aupro_ae",
+    "aupro_oesdn"))
 
 
 def test_digits_protocol_has_one_normal_class_and_disjoint_splits() -> None:
@@ -100,19 +107,14 @@ def _run(*args: str) -> str:
 
 def test_benchmark_runs_as_a_script_and_ends_with_its_summary_line() -> None:
     assert "--protocol" in _run("--help")
-    out = _run("--protocol", "texture", "--cases", "brick", "--seeds", "0", "--threads", "1",
-               "--set", "epochs=1", "--set", "sdn_epochs=1", "--set", "ae_base_width=4", "--set", "sdn_base_width=8")
+    out = _run("--protocol", "texture", "--cases", "brick", *TINY)
     last = out.strip().splitlines()[-1]
-    fields = ("auroc_ae", "auroc_sdn", "auroc_oesdn", "pixel_auroc_ae", "pixel_auroc_sdn", "pixel_auroc_oesdn",
-              "aupro_ae", "aupro_oesdn")
-    assert re.fullmatch(r"oesdn protocol=texture " + " ".join(f"{f}=[01]\\.\\d{{4}}" for f in fields) + r" train_s=\d+", last)
+    assert re.fullmatch(r"oesdn protocol=texture " + MASKED_METRICS + r" train_s=\d+", last)
     assert "case=brick seed=0 split=test" in out
 
 
 def test_benchmark_at_init_line_settings_marks_its_lines() -> None:
-    out = _run("--protocol", "digits", "--image-size", "64", "--defaults", "--cases", "3", "--seeds", "0",
-               "--threads", "1", "--set", "epochs=1", "--set", "sdn_epochs=1", "--set", "ae_base_width=4",
-               "--set", "sdn_base_width=8")
+    out = _run("--protocol", "digits", "--image-size", "64", "--defaults", "--cases", "3", *TINY)
     lines = out.strip().splitlines()
     assert len(lines) == 3 and all(line.endswith(" defaults=init-line") for line in lines)
     assert re.fullmatch(r"oesdn protocol=digits image_size=64 auroc_ae=[01]\.\d{4} auroc_ae_ssim=[01]\.\d{4} "
@@ -120,11 +122,7 @@ def test_benchmark_at_init_line_settings_marks_its_lines() -> None:
 
 
 def test_object_protocol_at_init_line_settings_reports_maps_too() -> None:
-    out = _run("--protocol", "objects", "--defaults", "--cases", "coffee", "--seeds", "0", "--threads", "1",
-               "--set", "epochs=1", "--set", "sdn_epochs=1", "--set", "ae_base_width=4", "--set", "sdn_base_width=8")
+    out = _run("--protocol", "objects", "--defaults", "--cases", "coffee", *TINY)
     lines = out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("oesdn protocol=objects case=coffee seed=0 split=test ")
-    fields = ("auroc_ae", "auroc_sdn", "auroc_oesdn", "pixel_auroc_ae", "pixel_auroc_sdn", "pixel_auroc_oesdn",
-              "aupro_ae", "aupro_oesdn")
-    assert re.fullmatch(r"oesdn protocol=objects " + " ".join(f"{f}=[01]\\.\\d{{4}}" for f in fields)
-                        + r" train_s=\d+ defaults=init-line", lines[-1])
+    assert re.fullmatch(r"oesdn protocol=objects " + MASKED_METRICS + r" train_s=\d+ defaults=init-line", lines[-1])
