@@ -2,7 +2,7 @@
 
     python benchmarks/oesdn.py --protocol digits [--split val] [--seeds 0 1 2]
     python benchmarks/oesdn.py --protocol digits --image-size 64 --defaults
-    python benchmarks/oesdn.py --protocol texture|objects [--split val] [--defaults]
+    python benchmarks/oesdn.py --protocol texture|objects [--split val] [--defaults] [--self-check]
     python benchmarks/oesdn.py --line elpv-mono
     (each also as python -m benchmarks.oesdn ...; --set FIELD=VALUE overrides an OeSdnConfig field)
 
@@ -20,7 +20,10 @@ fixed); each per-seed line is printed, then one line of means over the seeds:
           pixel_auroc_oesdn=... aupro_ae=... aupro_oesdn=... train_s=<s>
     oesdn protocol=objects ... (the texture line's fields)
     oesdn line=<line> auroc_ae=... auroc_ae_ssim=... auroc_sdn=... auroc_oesdn=... train_s=<s>
-and with --defaults each line ends with defaults=init-line.
+and with --defaults each line ends with defaults=init-line. --self-check adds to each per-case line, after
+train_s, the self-check a line runs (models/scoring/self_check.py) of the AE and OE-SDN on the case's
+validation goods and painted copies of them, and the detectors it leaves out of the line:
+    ... train_s=<s> selfcheck_ae=<a> selfcheck_oesdn=<b> left_out=<ae,oesdn|none> defaults=init-line
 Settings are chosen with --split val (the protocols' validation images); the test split is the default.
 """
 
@@ -42,12 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.oesdn_protocols import (  # noqa: E402
     OBJECTS, TEXTURES, Protocol, Split, digits_protocols, object_protocol, texture_protocol)
 from benchmarks.overrides import apply_settings  # noqa: E402
-from patchline.models.config import ElpvSource, LineConfig, MvtecSource, OeSdnConfig  # noqa: E402
+from patchline.models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig  # noqa: E402
 from patchline.models.images import pick_device  # noqa: E402
 from patchline.models.oesdn.scoring import score_autoencoder, score_oesdn  # noqa: E402
 from patchline.models.oesdn.training import train_autoencoder, train_sdn  # noqa: E402
 from patchline.models.scoring.detection import Detections  # noqa: E402
 from patchline.models.scoring.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
+from patchline.models.scoring.self_check import judge_self_check, painted_copies  # noqa: E402
 from patchline.storage.line_config import load_line  # noqa: E402
 from patchline.storage.line_survey import LineSurvey, fitted_config  # noqa: E402
 from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
@@ -93,8 +97,11 @@ def init_line_settings(protocol: Protocol) -> OeSdnConfig:
     return config.oesdn
 
 
-def run_case(protocol: Protocol, config: OeSdnConfig, split: str, device: torch.device) -> dict[str, float]:
-    """Train the AE, the SDN and OE-SDN on `protocol.train`; every detector's metrics on `split` and the time."""
+def run_case(protocol: Protocol, config: OeSdnConfig, split: str, device: torch.device,
+             self_check: bool = False) -> dict[str, float | str]:
+    """Train the AE, the SDN and OE-SDN on `protocol.train`; every detector's metrics on `split` and the time.
+    With `self_check`, also the line's self-check of the AE and OE-SDN (models/scoring/self_check.py) on
+    the validation split's good images, which no network fitted, and which of them it leaves out."""
     started = time.perf_counter()
     autoencoder, _ = train_autoencoder(protocol.train, config, device)
     sdn, _ = train_sdn(protocol.train, autoencoder, config, oe_lambda=0.0, device=device)
@@ -114,15 +121,33 @@ def run_case(protocol: Protocol, config: OeSdnConfig, split: str, device: torch.
         if masks is not None:
             metrics[f"pixel_auroc_{name}"] = pixel_auroc(detections.maps, masks)
             metrics[f"aupro_{name}"] = aupro(detections.maps, masks)
+    if self_check:
+        metrics.update(_self_check(protocol, autoencoder, oesdn, config))
     return metrics
 
 
-def _run_job(job: tuple[Protocol, OeSdnConfig, int, str, torch.device, int | None]) -> dict[str, float]:
-    protocol, config, seed, split, device, threads = job
+def _self_check(protocol: Protocol, autoencoder, oesdn, config: OeSdnConfig) -> dict[str, float | str]:
+    """The self-check a line with the default detectors runs on its held-out goods, here the validation goods."""
+    goods = [image for image, label in zip(protocol.val.images, protocol.val.labels) if not label]
+    painted = painted_copies(goods, config.seed)
+    score = {"ae": lambda images: score_autoencoder(autoencoder, images, config, "l2").scores,
+             "oesdn": lambda images: score_oesdn(autoencoder, oesdn, images, config).scores}
+    check = judge_self_check({name: fn(goods) for name, fn in score.items()},
+                             {name: fn(painted) for name, fn in score.items()},
+                             EvaluationConfig().self_check_min_auroc, EvaluationConfig().detectors)
+    return {**{f"selfcheck_{name}": auroc for name, auroc in check.aurocs.items()},
+            "left_out": ",".join(sorted(check.left_out)) or "none"}
+
+
+Job = tuple[Protocol, OeSdnConfig, int, str, torch.device, int | None, bool]
+
+
+def _run_job(job: Job) -> dict[str, float | str]:
+    protocol, config, seed, split, device, threads, self_check = job
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if threads:
         torch.set_num_threads(threads)
-    return run_case(protocol, config.model_copy(update={"seed": seed}), split, device)
+    return run_case(protocol, config.model_copy(update={"seed": seed}), split, device, self_check)
 
 
 def _masks_at(masks: np.ndarray, size: int) -> np.ndarray:
@@ -132,9 +157,11 @@ def _masks_at(masks: np.ndarray, size: int) -> np.ndarray:
     return resized[:, 0].numpy() > 0.5
 
 
-def summary(label: str, metrics: dict[str, float], keys: list[str], defaults: bool) -> str:
+def summary(label: str, metrics: dict[str, float | str], keys: list[str], defaults: bool) -> str:
+    checked = "".join(f" {key}={metrics[key]:.4f}" for key in ("selfcheck_ae", "selfcheck_oesdn") if key in metrics)
+    checked += f" left_out={metrics['left_out']}" if "left_out" in metrics else ""
     return (f"oesdn {label} " + " ".join(f"{key}={metrics[key]:.4f}" for key in keys)
-            + f" train_s={metrics['train_s']:.0f}" + (" defaults=init-line" if defaults else ""))
+            + f" train_s={metrics['train_s']:.0f}{checked}" + (" defaults=init-line" if defaults else ""))
 
 
 def main() -> None:
@@ -151,6 +178,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, help="digits only: scale the 8 × 8 digits up to this many px")
     parser.add_argument("--defaults", action="store_true",
                         help="train at the settings init-line writes for each case's images (--set still applies)")
+    parser.add_argument("--self-check", action="store_true",
+                        help="also run each case's self-check on its validation goods (per-case lines)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (of each job)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cases and seeds trained side by side in this many processes (use --threads 1 with it)")
@@ -187,7 +216,10 @@ def main() -> None:
         (init_line_settings(case) if args.defaults else base).model_dump(), args.set)) for case in cases}
     for name, config in configs.items():
         logger.info("config of %s: %s", name, config.model_dump(exclude={"seed"}))
-    jobs = [(case, configs[case.name], seed, args.split, device, args.threads) for seed in args.seeds for case in cases]
+    if args.self_check and args.line:
+        parser.error("--self-check needs --protocol: its held-out goods are a protocol's validation goods")
+    jobs = [(case, configs[case.name], seed, args.split, device, args.threads, args.self_check)
+            for seed in args.seeds for case in cases]
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(_run_job, jobs))

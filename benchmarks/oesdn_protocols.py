@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from patchline.models.scoring.self_check import paint_defect as paint_painted_defect
+
 TEXTURES = ("brick", "grass", "gravel")
 # Colour photographs of one object each; a line of one is many shots of that object, each framed a
 # little differently, a little brighter or darker, with sensor noise.
@@ -144,41 +146,27 @@ def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
     """A copy of a square uint8 `image` (grey, or colour H × W × 3) with one defect of `kind` painted in,
     and its exact bool mask.
 
-    scratch: a straight line 2–3 px wide; blob: a filled ellipse; both in a tone far from the image's
-    mean (dark on bright images, bright on dark ones), blended at 85 %. transplant: a square patch cut
-    from `donor` (another photograph, of the image's channels), pasted as it is.
+    scratch and blob: painted as the line's self-check paints them (models/scoring/self_check.py).
+    transplant: a square patch cut from `donor` (another photograph, of the image's channels), pasted as it is.
     """
     size = image.shape[0]
     if image.ndim not in (2, 3) or image.shape[1] != size or (image.ndim == 3 and image.shape[2] != 3):
         raise ValueError(f"paint_defect needs a square grey or colour image, got shape {image.shape}")
-    rows, cols = np.mgrid[0:size, 0:size]
+    if kind != "transplant":
+        if kind not in DEFECT_KINDS:
+            raise ValueError(f"unknown defect kind {kind!r}; expected one of {', '.join(DEFECT_KINDS)}")
+        return paint_painted_defect(image, kind, rng)
+    if donor is None:
+        raise ValueError("a transplant defect needs a donor image")
     centre = rng.uniform(0.25 * size, 0.75 * size, 2)
-    if kind == "transplant":
-        if donor is None:
-            raise ValueError("a transplant defect needs a donor image")
-        side = int(rng.integers(size // 6, size // 3))
-        top, left = (int(c - side / 2) for c in centre)
-        patch = donor[rng.integers(0, donor.shape[0] - side):, rng.integers(0, donor.shape[1] - side):][:side, :side]
-        defective = image.copy()
-        defective[top:top + side, left:left + side] = patch
-        mask = np.zeros(image.shape[:2], dtype=bool)
-        mask[top:top + side, left:left + side] = True
-        return defective, mask
-    if kind == "scratch":
-        angle = rng.uniform(0, np.pi)
-        half_length = rng.uniform(0.15, 0.3) * size
-        along = (cols - centre[1]) * np.cos(angle) + (rows - centre[0]) * np.sin(angle)
-        across = -(cols - centre[1]) * np.sin(angle) + (rows - centre[0]) * np.cos(angle)
-        mask = (np.abs(along) <= half_length) & (np.abs(across) <= rng.uniform(1.0, 1.5))
-    elif kind == "blob":
-        radii = rng.uniform(0.06, 0.14, 2) * size
-        mask = ((rows - centre[0]) / radii[0]) ** 2 + ((cols - centre[1]) / radii[1]) ** 2 <= 1.0
-    else:
-        raise ValueError(f"unknown defect kind {kind!r}; expected one of {', '.join(DEFECT_KINDS)}")
-    tone = 25.0 if image.mean() > 127 else 230.0
-    defective = image.astype(np.float32)
-    defective[mask] = 0.15 * defective[mask] + 0.85 * tone  # every channel of a colour pixel alike
-    return np.clip(np.round(defective), 0, 255).astype(np.uint8), mask
+    side = int(rng.integers(size // 6, size // 3))
+    top, left = (int(c - side / 2) for c in centre)
+    patch = donor[rng.integers(0, donor.shape[0] - side):, rng.integers(0, donor.shape[1] - side):][:side, :side]
+    defective = image.copy()
+    defective[top:top + side, left:left + side] = patch
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[top:top + side, left:left + side] = True
+    return defective, mask
 
 
 def _crop(image: np.ndarray, rows: tuple[int, int], rng: np.random.Generator) -> np.ndarray:

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from patchline.models.config import LineConfig
 from patchline.tasks import outcome as outcomes
 from patchline.tasks.approval import Approval, apply_approval_task
-from patchline.tasks.detectors import fit_detector_task, plan_fits, score_detector_task
+from patchline.tasks.detectors import fit_detector_task, plan_fits, score_detector_task, self_check_task
 from patchline.tasks.evaluate import Evaluation, evaluate_task
 from patchline.tasks.incremental import find_reusable_champion_task
 from patchline.tasks.ingest import LineData, ingest_line
@@ -159,8 +159,9 @@ def _rebuild(config: LineConfig, run: StartedRun, data: LineData, screening: Scr
         extra[f"time_fit_{name}_s"] = result.seconds
         if result.note:
             reuse[name] = result.note
+    self_check = self_check_task(config, {name: fitted[name] for name in fits}, data.calibration, calibration_set)
     evaluation = evaluate_task(config, data.test, calibration_set, test_set, run.work_dir / "plots",
-                               screening.kept_decision)
+                               screening.kept_decision, self_check)
     bundle = package_model_task(config, evaluation.calibration, run.work_dir / "bundle", fitted)
     export = export_model_task(bundle, run.work_dir / "export") if config.export_onnx else None
     extra["time_until_logging_s"] = time.perf_counter() - started

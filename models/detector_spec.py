@@ -56,9 +56,12 @@ class DetectorSpec:
     pydantic model of its own config section, `detector_settings: {<name>: ...}` in a line config (the
     built-in detectors have theirs as `patchcore:` and `oesdn:`). `after` names detectors that, when the
     line enables them too, are fitted first and handed to `fit` (OE-SDN reuses the AE baseline's
-    autoencoder instead of training a second one)."""
+    autoencoder instead of training a second one). `self_checked` detectors are put through the line's
+    self-check (models/scoring/self_check.py), which leaves out one that cannot see painted defects; a
+    detector that measures one property by design (darkness) is not judged by it."""
 
     load: Loader
     fit: Fit | None
     settings: type[BaseModel] | None = None
     after: tuple[str, ...] = ()
+    self_checked: bool = False

@@ -20,8 +20,8 @@ from patchline.models.patchcore.detector import PatchCoreDetector
 
 DETECTORS: dict[str, DetectorSpec] = {
     "patchcore": DetectorSpec(load=PatchCoreDetector.load, fit=None),
-    "oesdn": DetectorSpec(load=OeSdnDetector.load, fit=fit_oesdn, after=("ae",)),
-    "ae": DetectorSpec(load=AutoencoderDetector.load, fit=fit_autoencoder),
+    "oesdn": DetectorSpec(load=OeSdnDetector.load, fit=fit_oesdn, after=("ae",), self_checked=True),
+    "ae": DetectorSpec(load=AutoencoderDetector.load, fit=fit_autoencoder, self_checked=True),
     "darkness": DetectorSpec(load=DarknessDetector.load, fit=fit_darkness),
 }
 

@@ -20,6 +20,8 @@ DECISION_DETECTOR_TAG = "patchline.decision_detector"
 DECISION_REASON_TAG = "patchline.decision_detector.reason"
 # `patchline.incremental` for the rebuild as a whole, `patchline.incremental.<detector>` for each detector.
 REUSE_TAG = "patchline.incremental"
+# `patchline.left_out.<detector>`: why the self-check (models/scoring/self_check.py) left it out of the decisions.
+LEFT_OUT_TAG_PREFIX = "patchline.left_out."
 # Two rebuilds of the same images and settings give the same bank on any Dask cluster: this tag shows it.
 BANK_TAG = "patchline.memory_bank_digest"
 # What a run's name says, as tags a run list can filter on (tasks/outcome.py).

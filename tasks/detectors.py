@@ -17,6 +17,7 @@ from patchline.models.config import LineConfig
 from patchline.models.detector_spec import Detector
 from patchline.models.detectors import DETECTORS, fitting_order
 from patchline.models.scoring.detection import Detections
+from patchline.models.scoring.self_check import MAX_IMAGES, SelfCheck, judge_self_check, painted_copies
 from patchline.models.process import stopwatch
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.pixels import PixelRows
@@ -71,3 +72,32 @@ def fit_detector_task(config: LineConfig, name: str, rows: list[ManifestRow],
 def score_detector_task(name: str, detector: Detector, rows: list[ManifestRow]) -> Detections:
     """Detections of `rows` by one fitted detector, from their pixels."""
     return detector.score(PixelRows(rows))
+
+
+@task(name="self-check", cache_policy=NO_CACHE)
+def self_check_task(config: LineConfig, fitted: dict[str, Detector], rows: list[ManifestRow],
+                    good: dict[str, Detections]) -> SelfCheck:
+    """The self-check (models/scoring/self_check.py) of the `fitted` detectors that take it: painted copies
+    of the held-out good `rows` scored against `good`, their detections of the rows themselves."""
+    settings = config.evaluation
+    detectors = {name: detector for name, detector in fitted.items() if DETECTORS[name].self_checked}
+    if not detectors:
+        return SelfCheck({}, {}, len(rows))
+    with stopwatch() as elapsed:
+        painted = painted_copies(PixelRows(rows[:MAX_IMAGES])[:], config.oesdn.seed)
+        check = judge_self_check({name: good[name].scores[:MAX_IMAGES] for name in detectors},
+                                 {name: detector.score(painted).scores for name, detector in detectors.items()},
+                                 settings.self_check_min_auroc, settings.detectors)
+    logger = get_run_logger()
+    if not check.aurocs:
+        logger.info("self-check skipped: %d held-out goods, fewer than it needs", check.images)
+    else:
+        logger.info("self-check on %d held-out goods and painted copies: image AUROC %s in %.1f s",
+                    check.images, {name: round(auroc, 4) for name, auroc in check.aurocs.items()}, elapsed[0])
+    for name, reason in check.left_out.items():
+        logger.warning("%s %s", name, reason)
+    for name, auroc in check.aurocs.items():
+        if auroc < settings.self_check_min_auroc and name not in check.left_out:
+            logger.warning("%s kept although its self-check image AUROC %.3f < %g: leaving it out would leave "
+                           "the line no detector", name, auroc, settings.self_check_min_auroc)
+    return check

@@ -17,6 +17,7 @@ from patchline.models.config import LineConfig
 from patchline.models.scoring.calibration import FUSED, Calibration, fit_calibration, fuse
 from patchline.models.scoring.detection import Detections
 from patchline.models.scoring.metrics import best_detector, choose_decision_detector, evaluate_detector, robust_spread
+from patchline.models.scoring.self_check import SelfCheck
 from patchline.storage.manifest import ManifestRow
 from patchline.storage.pixels import read_mask, read_pixels
 from patchline.storage.plots import plot_heatmap_gallery, plot_pr_curves, plot_roc_curves, plot_score_histograms
@@ -30,6 +31,7 @@ class Evaluation:
     plots: list[Path]
     decision_reason: str  # why `calibration.decision_detector` decides (models/scoring/metrics.py)
     test: dict[str, Detections]  # every detector's (and `fused`'s) detections of the test rows
+    self_check: SelfCheck | None = None
 
     @property
     def decision_test(self) -> Detections:
@@ -42,6 +44,8 @@ class Evaluation:
     def flat_metrics(self) -> dict[str, float]:
         """`<detector>_<metric>` for every detector, plus the deciding detector's metrics unprefixed."""
         flat = {f"{name}_{key}": value for name, values in self.metrics.items() for key, value in values.items()}
+        if self.self_check is not None:
+            flat.update({f"{name}_self_check_auroc": auroc for name, auroc in self.self_check.aurocs.items()})
         flat.update(self.decision_metrics)
         return flat
 
@@ -49,13 +53,15 @@ class Evaluation:
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_set: dict[str, Detections],
                   test_set: dict[str, Detections], out_dir: Path,
-                  champion: tuple[str, str] | None = None) -> Evaluation:
+                  champion: tuple[str, str] | None = None, self_check: SelfCheck | None = None) -> Evaluation:
     """Metrics of every detector (and the fused one) on the test rows, thresholds from held-out goods; the
-    deciding detector is the `champion`'s (version, detector) unless the line config names one."""
+    deciding detector is the `champion`'s (version, detector) unless the line config names one. Detectors
+    that `self_check` left out weigh 0 in `fused` and are never "auto"'s choice."""
     started = time.perf_counter()
     settings = config.evaluation
+    left_out = self_check.left_out if self_check is not None else {}
     calibration = fit_calibration(calibration_set, settings.threshold_percentile, next(iter(calibration_set)),
-                                  settings.fusion_weights)
+                                  fusion_weights_without(settings.fusion_weights, list(calibration_set), left_out))
     good_scores = {name: d.scores for name, d in calibration_set.items()}
     test_set = dict(test_set)
     if len(calibration_set) > 1:
@@ -71,7 +77,7 @@ def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_
     for name, values in metrics.items():
         values["good_spread"] = robust_spread(good_scores[name])
     best = best_detector(metrics)
-    decision, why = choose_decision_detector(settings.decision_detector, metrics, champion)
+    decision, why = choose_decision_detector(settings.decision_detector, metrics, champion, left_out)
     if decision not in metrics:
         raise ValueError(f"decision_detector {decision!r} is not among this line's detectors {sorted(metrics)}")
     calibration = dataclasses.replace(calibration, decision_detector=decision)
@@ -79,7 +85,18 @@ def evaluate_task(config: LineConfig, test_rows: list[ManifestRow], calibration_
     get_run_logger().info("%s: image AUROC %s; best %s, deciding %s (%s); evaluated in %.1f s", config.name,
                           {n: round(m["image_auroc"], 4) for n, m in metrics.items()}, best, decision, why,
                           time.perf_counter() - started)
-    return Evaluation(metrics, calibration, best, plots, why, test_set)
+    return Evaluation(metrics, calibration, best, plots, why, test_set, self_check)
+
+
+def fusion_weights_without(weights: dict[str, float] | None, detectors: list[str],
+                           left_out: dict[str, str]) -> dict[str, float] | None:
+    """The line's fusion `weights` of its `detectors` with those `left_out` at 0; the weights as they are when
+    that would leave none weighing (a line whose config weighs only a left-out detector still fuses)."""
+    if not left_out:
+        return weights
+    kept = {name: 0.0 if name in left_out else (1.0 if weights is None else weights.get(name, 0.0))
+            for name in detectors}
+    return kept if any(kept.values()) else weights
 
 
 def _masks(rows: list[ManifestRow], size: int) -> np.ndarray | None:

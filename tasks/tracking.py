@@ -28,7 +28,7 @@ from patchline.storage.gate_evidence import TEST_SCORES_ARTIFACT, ChampionScores
 from patchline.storage.registry import GateDecision, champion_version, registered_model_name
 from patchline.storage.tag_names import (
     BANK_TAG, BEST_DETECTOR_TAG, DATA_FINGERPRINT_TAG, DECISION_DETECTOR_TAG, DECISION_REASON_TAG, ERROR_TAG,
-    LINE_TAG, MODEL_CONFIG_TAG, REUSE_TAG, SKIPPED_TAG, TEST_FINGERPRINT_TAG)
+    LEFT_OUT_TAG_PREFIX, LINE_TAG, MODEL_CONFIG_TAG, REUSE_TAG, SKIPPED_TAG, TEST_FINGERPRINT_TAG)
 from patchline.storage.tracking import (
     MODEL_TRAINING_VIEW, config_params, configure_mlflow, ensure_tracking_reachable, line_experiment_id,
     model_config_fingerprint)
@@ -188,6 +188,8 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
     client.set_tag(run_id, BEST_DETECTOR_TAG, evaluation.best)
     client.set_tag(run_id, DECISION_DETECTOR_TAG, evaluation.calibration.decision_detector)
     client.set_tag(run_id, DECISION_REASON_TAG, evaluation.decision_reason)
+    left_out = evaluation.self_check.left_out if evaluation.self_check is not None else {}
+    tags = {**tags, **{LEFT_OUT_TAG_PREFIX + name: why for name, why in left_out.items()}}
     for tag, value in {**reuse_tags(reuse), **tags}.items():
         client.set_tag(run_id, tag, value[:5000])
     data.manifest.write_csv(work_dir / "manifest.csv")
@@ -264,6 +266,7 @@ def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evalua
         f"**Review page** (champion and challenger side by side, the images they get wrong): "
         f"[{REVIEW_ARTIFACT}]({run_url}/artifactPath/{REVIEW_ARTIFACT}{view})", "",
         f"**Deciding detector:** {evaluation.calibration.decision_detector}: {evaluation.decision_reason}", "",
+        _self_check_markdown(evaluation), "",
         _screening_markdown(screening), "",
         "**What was reused:**", *(f"- {part}: {note}" for part, note in reuse.items()), "",
         f"- MLflow run: {run_url}{view}",
@@ -274,6 +277,16 @@ def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evalua
     create_markdown_artifact(markdown=markdown, key=f"rebuild-{config.name}",
                              description=f"Rebuild of {config.name}: metrics and gate decision")
     get_run_logger().info("%s: version %s %s", config.name, outcome.version, verdict)
+
+
+def _self_check_markdown(evaluation: Evaluation) -> str:
+    """The self-check's AUROC per detector it judged, and those it left out with why."""
+    check = evaluation.self_check
+    if check is None or not check.aurocs:
+        return "**Self-check:** not run (no detector of this line takes it, or too few held-out goods)"
+    figures = ", ".join(f"{name} {auroc:.4f}" for name, auroc in check.aurocs.items())
+    return "\n".join([f"**Self-check** (image AUROC on {check.images} held-out goods and painted copies): {figures}",
+                      *(f"- {name} {why}" for name, why in check.left_out.items())])
 
 
 def _screening_markdown(screening: Screening) -> str:

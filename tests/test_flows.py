@@ -413,6 +413,7 @@ def test_cli_nightly_promote_and_rollback(first_rebuild, tmp_path):
 
 def test_status_names_a_schedule_that_did_not_run(first_rebuild):
     from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
 
     from patchline.storage.fleet import line_status
 
@@ -422,10 +423,12 @@ def test_status_names_a_schedule_that_did_not_run(first_rebuild):
     fresh = line_status(client, config, now)
     # Rebuilt minutes ago: nothing scheduled was missed since.
     assert fresh.champion is not None and fresh.last_run is not None and fresh.missed is None
-    # Three days on, with no rebuild since: the last 02:00 Berlin time is named.
-    later = line_status(client, config, now + timedelta(days=3))
+    # Three days on at 04:00 Berlin time (past the hour's grace at any time of day the test runs), with no
+    # rebuild since: that night's 02:00 is named.
+    then = (now + timedelta(days=3)).astimezone(ZoneInfo("Europe/Berlin")).replace(hour=4, minute=0)
+    later = line_status(client, config, then)
     assert later.missed is not None and later.missed.hour == 2 and str(later.missed.tzinfo) == "Europe/Berlin"
-    row = later.row(now + timedelta(days=3))
+    row = later.row(then)
     assert row["missed schedule"].endswith("02:00+01:00") and row["last rebuild"].endswith(" ago)")
 
 
@@ -453,3 +456,36 @@ def test_a_damaged_bundle_file_is_refused_naming_it(first_rebuild, tmp_path):
     shutil.copy(bundle / "memory_bank.safetensors", bank)
     with pytest.raises(BundleDamagedError, match=r"calibration.json: missing from the model bundle"):
         load_bundle(damaged)
+
+
+def test_networks_that_cannot_see_painted_defects_are_left_out_of_the_decisions(home, tmp_path):
+    """Three epochs of the tiny networks on 36 cells: at chance on painted copies of the 12 held-out goods,
+    and on the test cells too. At the default bar they are left out: still fitted, scored and logged, but
+    weighing 0 in the logged model's `fused`, never deciding, with a reason tag each."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from patchline.flows.rebuild import rebuild_product_line
+    from patchline.models.scoring.calibration import Calibration
+    from patchline.storage.tag_names import LEFT_OUT_TAG_PREFIX
+
+    line = "elpv-self-check"
+    config = tiny_config(name=line, source=ElpvSource(cell_type="mono", limit_per_class=24),
+                         evaluation=EvaluationConfig(calibration_fraction=0.4, detectors=("patchcore", "oesdn", "ae")))
+    result = rebuild_product_line(config)
+    run = configure_mlflow().get_run(result.run_id)
+    aurocs = {name: run.data.metrics[f"{name}_self_check_auroc"] for name in ("oesdn", "ae")}
+    left_out = {key.removeprefix(LEFT_OUT_TAG_PREFIX): why for key, why in run.data.tags.items()
+                if key.startswith(LEFT_OUT_TAG_PREFIX)}
+    assert set(left_out) == {name for name, auroc in aurocs.items() if auroc < 0.6} == {"oesdn", "ae"}, aurocs
+    assert all(run.data.metrics[f"{name}_image_auroc"] < 0.6 for name in left_out)  # the test cells agree
+    assert all("held-out goods" in why and "cannot see defects" in why for why in left_out.values())
+    assert "patchcore_self_check_auroc" not in run.data.metrics  # judged by its test figures, not painted copies
+    assert run.data.tags["patchline.decision_detector"] not in left_out
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model_name(line)}/1",
+                                                     dst_path=str(tmp_path)))
+    calibration = Calibration.from_json(next(local.rglob("calibration.json")).read_text())
+    assert calibration.fusion_weights == {"patchcore": 1.0, **{name: float(name not in left_out) for name in aurocs}}
+    with get_client(sync_client=True) as prefect:
+        [summary] = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"rebuild-{line}"])))
+    assert "**Self-check** (image AUROC on" in summary.data and all(f"- {name} left out" in summary.data
+                                                                   for name in left_out)

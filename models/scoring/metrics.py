@@ -190,21 +190,29 @@ def best_detector(metrics_by_detector: Mapping[str, Mapping[str, float]], metric
 
 
 def choose_decision_detector(setting: str, metrics_by_detector: Mapping[str, Mapping[str, float]],
-                             champion: tuple[str, str] | None) -> tuple[str, str]:
+                             champion: tuple[str, str] | None,
+                             left_out: Mapping[str, str] | None = None) -> tuple[str, str]:
     """The detector whose decisions a version deploys, and why. `setting` is the line's
-    `evaluation.decision_detector`; `champion` is (version, its deciding detector) once the line has one.
+    `evaluation.decision_detector`; `champion` is (version, its deciding detector) once the line has one;
+    `left_out` holds the detectors the self-check left out (models/scoring/self_check.py), which "auto"
+    never picks.
 
     "auto" picks the best image AUROC only for a line's first version: picking again each night on the
     test images that then judge the pick would let a poisoned rebuild switch to whichever detector the
     poison hurt least."""
     if setting != "auto":
         return setting, "set in the line config (evaluation.decision_detector)"
-    if champion is not None and champion[1] in metrics_by_detector:
+    left_out = left_out or {}
+    eligible = {name: metrics for name, metrics in metrics_by_detector.items() if name not in left_out}
+    if champion is not None and champion[1] in eligible:
         return champion[1], (f"kept from champion v{champion[0]} ('auto' chooses for a line's first version only; "
                              "set evaluation.decision_detector or promote a version to change it)")
-    best = best_detector(metrics_by_detector)
-    lost = (f"champion v{champion[0]}'s {champion[1]} is not built by this rebuild; " if champion else "")
-    return best, (f"{lost}auto: the best image AUROC of this rebuild ({metrics_by_detector[best]['image_auroc']:.4f}), "
+    best = best_detector(eligible)
+    lost = ""
+    if champion is not None:
+        lost = (f"champion v{champion[0]}'s {champion[1]} was left out by the self-check; " if champion[1] in left_out
+                else f"champion v{champion[0]}'s {champion[1]} is not built by this rebuild; ")
+    return best, (f"{lost}auto: the best image AUROC of this rebuild ({eligible[best]['image_auroc']:.4f}), "
                   "chosen on the test split that also reports it, so that figure is optimistic")
 
 
