@@ -107,10 +107,14 @@ def _run(*args: str) -> str:
 
 def test_benchmark_runs_as_a_script_and_ends_with_its_summary_line() -> None:
     assert "--protocol" in _run("--help")
-    out = _run("--protocol", "texture", "--cases", "brick", *TINY)
-    last = out.strip().splitlines()[-1]
+    out = _run("--protocol", "texture", "--cases", "brick", "--self-check", *TINY)
+    case, _, last = out.strip().splitlines()
     assert re.fullmatch(r"oesdn protocol=texture " + MASKED_METRICS + r" train_s=\d+", last)
-    assert "case=brick seed=0 split=test" in out
+    # The per-case line carries the line's self-check on the validation goods, and whom it leaves out.
+    checked = re.search(r"train_s=\d+ selfcheck_ae=([01]\.\d{4}) selfcheck_oesdn=([01]\.\d{4}) left_out=(\S+)$", case)
+    assert case.startswith("oesdn protocol=texture case=brick seed=0 split=test ") and checked
+    below = [name for name, auroc in zip(("ae", "oesdn"), checked.groups()) if float(auroc) < 0.6]
+    assert checked[3] == (",".join(below) or "none")  # a line of the default detectors keeps PatchCore
 
 
 def test_benchmark_at_init_line_settings_marks_its_lines() -> None:
