@@ -251,7 +251,12 @@ def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evalua
     shown = [c for c in columns if any(c in m for m in evaluation.metrics.values())]
     metric = config.promotion.metric
     champion = [f"champion v{outcome.champion} {metric}"] if outcome.champion_metrics else []
-    rows = [f"| {name}{' (best)' if name == evaluation.best else ''}{' (decides)' if name == evaluation.calibration.decision_detector else ''} | "
+    left_out = evaluation.self_check.left_out if evaluation.self_check is not None else {}
+    marks = {name: "".join(mark for mark, on in ((" (best)", name == evaluation.best),
+                                                 (" (decides)", name == evaluation.calibration.decision_detector),
+                                                 (" (left out)", name in left_out)) if on)
+             for name in evaluation.metrics}
+    rows = [f"| {name}{marks[name]} | "
             + " | ".join(f"{m[c]:.4f}" if c in m else "–" for c in shown)
             + "".join(f" | {outcome.champion_metrics[name]:.4f}" if name in outcome.champion_metrics else " | –"
                       for _ in champion) + " |"
