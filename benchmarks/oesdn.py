@@ -22,7 +22,8 @@ fixed); each per-seed line is printed, then one line of means over the seeds:
     oesdn line=<line> auroc_ae=... auroc_ae_ssim=... auroc_sdn=... auroc_oesdn=... train_s=<s>
 and with --defaults each line ends with defaults=init-line. --self-check adds to each per-case line, after
 train_s, the self-check a line runs (models/scoring/self_check.py) of the AE and OE-SDN on the case's
-validation goods and painted copies of them, and the detectors it leaves out of the line:
+validation goods (for --line: the goods a rebuild of the line holds out, then not trained on) and
+painted copies of them, and the detectors it leaves out of the line:
     ... train_s=<s> selfcheck_ae=<a> selfcheck_oesdn=<b> left_out=<ae,oesdn|none> defaults=init-line
 Settings are chosen with --split val (the protocols' validation images); the test split is the default.
 """
@@ -53,6 +54,7 @@ from patchline.models.scoring.detection import Detections  # noqa: E402
 from patchline.models.scoring.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from patchline.models.scoring.self_check import judge_self_check, painted_copies  # noqa: E402
 from patchline.storage.line_config import load_line  # noqa: E402
+from patchline.storage.manifest import hold_out_calibration  # noqa: E402
 from patchline.storage.line_survey import LineSurvey, fitted_config  # noqa: E402
 from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
 
@@ -69,18 +71,25 @@ PROTOCOL_CONFIGS = {
 MASKED = ("texture", "objects")
 
 
-def elpv_protocol(line_name: str) -> tuple[Protocol, OeSdnConfig]:
-    """A bundled ELPV line's published split (train goods; test goods and anomalies) and its OE-SDN config."""
+def elpv_protocol(line_name: str, hold_out: bool = False) -> tuple[Protocol, OeSdnConfig]:
+    """A bundled ELPV line's published split (train goods; test goods and anomalies) and its OE-SDN config.
+    With `hold_out`, the goods a rebuild of the line holds out for calibration are not trained on: they are
+    the protocol's validation split (goods only), for the self-check."""
     line = load_line(line_name)
     if not isinstance(line.source, ElpvSource):
         raise ValueError(f"line {line.name!r}: this benchmark reads the bundled ELPV set, got a {line.source.kind} source")
     images, _, _ = elpv_arrays()
     rows = elpv_rows(line.source)
     pixels = {row.source: images[int(row.source.removeprefix(SOURCE_PREFIX))] for row in rows}
-    train = [pixels[row.source] for row in rows if row.split == "train"]
+    train_rows = [row for row in rows if row.split == "train"]
+    held: list = []
+    if hold_out:
+        train_rows, held = hold_out_calibration(train_rows, line.evaluation.calibration_fraction)
+    train = [pixels[row.source] for row in train_rows]
     test_rows = [row for row in rows if row.split == "test" and row.label in ("good", "anomaly")]
     test = Split([pixels[row.source] for row in test_rows], np.array([row.label == "anomaly" for row in test_rows], int))
-    return Protocol(line.name, train, test, test), line.oesdn
+    val = Split([pixels[row.source] for row in held], np.zeros(len(held), int)) if hold_out else test
+    return Protocol(line.name, train, val, test), line.oesdn
 
 
 def init_line_settings(protocol: Protocol) -> OeSdnConfig:
@@ -179,7 +188,8 @@ def main() -> None:
     parser.add_argument("--defaults", action="store_true",
                         help="train at the settings init-line writes for each case's images (--set still applies)")
     parser.add_argument("--self-check", action="store_true",
-                        help="also run each case's self-check on its validation goods (per-case lines)")
+                        help="also run each case's self-check on its validation goods (per-case lines); with "
+                             "--line, on the goods a rebuild holds out, which then are not trained on")
     parser.add_argument("--threads", type=int, help="torch CPU threads (of each job)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cases and seeds trained side by side in this many processes (use --threads 1 with it)")
@@ -191,7 +201,7 @@ def main() -> None:
     if args.line:
         if args.split == "val":
             parser.error("--split val needs --protocol: an ELPV line has no labelled validation split")
-        protocol, base = elpv_protocol(args.line)
+        protocol, base = elpv_protocol(args.line, hold_out=args.self_check)
         cases, label = [protocol], f"line={protocol.name}"
     elif args.protocol == "digits":
         cases, base, label = digits_protocols(image_size=args.image_size), PROTOCOL_CONFIGS["digits"], "protocol=digits"
@@ -216,8 +226,6 @@ def main() -> None:
         (init_line_settings(case) if args.defaults else base).model_dump(), args.set)) for case in cases}
     for name, config in configs.items():
         logger.info("config of %s: %s", name, config.model_dump(exclude={"seed"}))
-    if args.self_check and args.line:
-        parser.error("--self-check needs --protocol: its held-out goods are a protocol's validation goods")
     jobs = [(case, configs[case.name], seed, args.split, device, args.threads, args.self_check)
             for seed in args.seeds for case in cases]
     if args.jobs > 1:

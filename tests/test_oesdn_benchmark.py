@@ -130,3 +130,16 @@ def test_object_protocol_at_init_line_settings_reports_maps_too() -> None:
     lines = out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("oesdn protocol=objects case=coffee seed=0 split=test ")
     assert re.fullmatch(r"oesdn protocol=objects " + MASKED_METRICS + r" train_s=\d+ defaults=init-line", lines[-1])
+
+
+def test_a_line_self_check_holds_out_the_goods_a_rebuild_would() -> None:
+    """--line with --self-check trains without the line's calibration goods and judges on them."""
+    from benchmarks.oesdn import elpv_protocol
+
+    whole, _ = elpv_protocol("elpv-mono")
+    held, _ = elpv_protocol("elpv-mono", hold_out=True)
+    assert len(held.train) + len(held.val.images) == len(whole.train) and 0 < len(held.val.images) < len(whole.train) / 5
+    assert not held.val.labels.any() and len(held.test.images) == len(whole.test.images)
+    out = _run("--line", "elpv-mono", "--self-check", *TINY, "--set", "image_size=32")
+    assert re.search(r"^oesdn line=elpv-mono case=elpv-mono seed=0 split=test .* train_s=\d+ selfcheck_ae=[01]\.\d{4} "
+                     r"selfcheck_oesdn=[01]\.\d{4} left_out=\S+$", out, re.M)
