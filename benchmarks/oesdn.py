@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.oesdn_protocols import (  # noqa: E402
     OBJECTS, TEXTURES, Protocol, Split, digits_protocols, object_protocol, texture_protocol)
 from benchmarks.overrides import apply_settings  # noqa: E402
+from patchline.models.detectors import DETECTORS as DETECTORS_BY_NAME  # noqa: E402
 from patchline.models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig  # noqa: E402
 from patchline.models.images import pick_device  # noqa: E402
 from patchline.models.oesdn.scoring import score_autoencoder, score_oesdn  # noqa: E402
@@ -141,9 +142,11 @@ def _self_check(protocol: Protocol, autoencoder, oesdn, config: OeSdnConfig) -> 
     painted = painted_copies(goods, config.seed)
     score = {"ae": lambda images: score_autoencoder(autoencoder, images, config, "l2").scores,
              "oesdn": lambda images: score_oesdn(autoencoder, oesdn, images, config).scores}
+    line = EvaluationConfig()
     check = judge_self_check({name: fn(goods) for name, fn in score.items()},
                              {name: fn(painted) for name, fn in score.items()},
-                             EvaluationConfig().self_check_min_auroc, EvaluationConfig().detectors)
+                             line.self_check_min_auroc, line.detectors, {"oesdn": DETECTORS_BY_NAME["oesdn"].after},
+                             line.self_check_max_gap)
     return {**{f"selfcheck_{name}": auroc for name, auroc in check.aurocs.items()},
             "left_out": ",".join(sorted(check.left_out)) or "none"}
 

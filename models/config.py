@@ -205,6 +205,10 @@ class EvaluationConfig(_Strict):
     # held-out goods and painted copies of them is below this is left out of `fused` and of "auto"'s choice.
     # 0.6 sits about one standard error of a chance AUROC above 0.5 on 20 goods and 20 copies; 0 turns it off.
     self_check_min_auroc: float = Field(0.6, ge=0, le=1)
+    # ... and one whose self-check AUROC is more than this below that of the detector it is built on (OE-SDN's
+    # AE) is left out too; 1 turns that off. Chosen on the texture protocol's validation split
+    # (benchmarks/README.md, "The self-check").
+    self_check_max_gap: float = Field(0.02, ge=0, le=1)
 
     @field_validator("detectors")
     @classmethod

@@ -87,7 +87,8 @@ def self_check_task(config: LineConfig, fitted: dict[str, Detector], rows: list[
         painted = painted_copies(PixelRows(rows[:MAX_IMAGES])[:], config.oesdn.seed)
         check = judge_self_check({name: good[name].scores[:MAX_IMAGES] for name in detectors},
                                  {name: detector.score(painted).scores for name, detector in detectors.items()},
-                                 settings.self_check_min_auroc, settings.detectors)
+                                 settings.self_check_min_auroc, settings.detectors,
+                                 {name: DETECTORS[name].after for name in detectors}, settings.self_check_max_gap)
     logger = get_run_logger()
     if not check.aurocs:
         logger.info("self-check skipped: %d held-out goods, fewer than it needs", check.images)

@@ -113,7 +113,9 @@ def test_benchmark_runs_as_a_script_and_ends_with_its_summary_line() -> None:
     # The per-case line carries the line's self-check on the validation goods, and whom it leaves out.
     checked = re.search(r"train_s=\d+ selfcheck_ae=([01]\.\d{4}) selfcheck_oesdn=([01]\.\d{4}) left_out=(\S+)$", case)
     assert case.startswith("oesdn protocol=texture case=brick seed=0 split=test ") and checked
-    below = [name for name, auroc in zip(("ae", "oesdn"), checked.groups()) if float(auroc) < 0.6]
+    ae, oesdn = float(checked[1]), float(checked[2])
+    below = [name for name, auroc in (("ae", ae), ("oesdn", oesdn))
+             if auroc < 0.6 or (name == "oesdn" and ae - auroc > 0.02)]
     assert checked[3] == (",".join(below) or "none")  # a line of the default detectors keeps PatchCore
 
 
@@ -138,7 +140,8 @@ def test_a_line_self_check_holds_out_the_goods_a_rebuild_would() -> None:
 
     whole, _ = elpv_protocol("elpv-mono")
     held, _ = elpv_protocol("elpv-mono", hold_out=True)
-    assert len(held.train) + len(held.val.images) == len(whole.train) and 0 < len(held.val.images) < len(whole.train) / 5
+    assert len(held.train) + len(held.val.images) == len(whole.train)
+    assert 0 < len(held.val.images) < len(whole.train) / 5
     assert not held.val.labels.any() and len(held.test.images) == len(whole.test.images)
     out = _run("--line", "elpv-mono", "--self-check", *TINY, "--set", "image_size=32")
     assert re.search(r"^oesdn line=elpv-mono case=elpv-mono seed=0 split=test .* train_s=\d+ selfcheck_ae=[01]\.\d{4} "

@@ -52,6 +52,16 @@ def test_a_detector_at_chance_is_left_out_and_one_that_sees_is_kept():
     assert check.left_out["ae"].startswith(f"left out: self-check image AUROC {check.aurocs['ae']:.3f} < 0.6 on 20")
 
 
+def test_a_network_that_sees_clearly_worse_than_the_one_it_is_built_on_is_left_out():
+    (good_ae, painted_ae), (good_oe, painted_oe) = _scores(3.0), _scores(0.8)
+    good, painted = {"ae": good_ae, "oesdn": good_oe}, {"ae": painted_ae, "oesdn": painted_oe}
+    check = judge_self_check(good, painted, 0.6, ["patchcore", "oesdn", "ae"], {"oesdn": ("ae",)}, 0.1)
+    assert check.aurocs["ae"] - check.aurocs["oesdn"] > 0.1 and check.aurocs["oesdn"] > 0.6
+    assert list(check.left_out) == ["oesdn"] and f"below that of ae ({check.aurocs['ae']:.3f})" in check.left_out["oesdn"]
+    assert judge_self_check(good, painted, 0.6, ["patchcore", "oesdn", "ae"], {"oesdn": ("ae",)}, 1.0).left_out == {}
+    assert judge_self_check(good, painted, 0.6, ["patchcore", "oesdn", "ae"]).left_out == {}  # no baseline named
+
+
 def test_the_self_check_never_leaves_a_line_without_a_detector_nor_judges_on_a_handful():
     good, painted = _scores(-1.0)
     assert judge_self_check({"ae": good}, {"ae": painted}, 0.6, ["ae"]).left_out == {}

@@ -2,9 +2,11 @@
 
 Each held-out good image (never fitted on) gets a copy with one painted defect, a scratch or a blob in a
 tone far from the image's mean; a detector's image AUROC of the copies against the goods is its
-self-check. A detector at chance on defects this plain cannot work on the line's kind of images, so it
-is left out of the line's decisions: weight 0 in `fused`, and never the deciding detector that "auto"
-picks. It is still fitted, scored and reported, so a person sees what it would have done.
+self-check. A detector at chance on defects this plain cannot work on the line's kind of images, and one
+that sees them clearly worse than the simpler detector it is built on (OE-SDN against the AE it distils)
+does not earn its place; either is left out of the line's decisions: weight 0 in `fused`, and never the
+deciding detector that "auto" picks. It is still fitted, scored and reported, so a person sees what it
+would have done.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ class SelfCheck:
 
 
 def judge_self_check(good_scores: Mapping[str, np.ndarray], painted_scores: Mapping[str, np.ndarray],
-                     min_auroc: float, detectors: Sequence[str]) -> SelfCheck:
-    """The self-check of each detector in `painted_scores`; those below `min_auroc` are left out, unless that
+                     min_auroc: float, detectors: Sequence[str], baselines: Mapping[str, Sequence[str]] | None = None,
+                     max_gap: float = 1.0) -> SelfCheck:
+    """The self-check of each detector in `painted_scores`. One is left out below `min_auroc`, or when it
+    trails a detector it is built on (its `baselines`, also checked) by more than `max_gap`; unless that
     would leave none of the line's `detectors`: a line keeps the detectors it has rather than none."""
     images = min((len(scores) for scores in good_scores.values()), default=0)
     if images < MIN_IMAGES:
@@ -75,10 +79,16 @@ def judge_self_check(good_scores: Mapping[str, np.ndarray], painted_scores: Mapp
     aurocs = {name: image_auroc(np.concatenate([good_scores[name], painted_scores[name]]),
                                 np.r_[np.zeros(len(good_scores[name]), bool), np.ones(len(painted_scores[name]), bool)])
               for name in painted_scores}
-    failing = {name: auroc for name, auroc in aurocs.items() if auroc < min_auroc}
-    if not set(detectors) - set(failing):
+    on = f"on {images} held-out goods and painted copies of them (a scratch or a blob each)"
+    left_out = {}
+    for name, auroc in aurocs.items():
+        beaten = [base for base in (baselines or {}).get(name, ()) if base in aurocs and aurocs[base] - auroc > max_gap]
+        if auroc < min_auroc:
+            left_out[name] = (f"left out: self-check image AUROC {auroc:.3f} < {min_auroc:g} {on}; it cannot see "
+                              "defects on these images")
+        elif beaten:
+            left_out[name] = (f"left out: self-check image AUROC {auroc:.3f}, more than {max_gap:g} below that of "
+                              f"{beaten[0]} ({aurocs[beaten[0]]:.3f}), the detector it is built on, {on}")
+    if not set(detectors) - set(left_out):
         return SelfCheck(aurocs, {}, images)
-    left_out = {name: (f"left out: self-check image AUROC {auroc:.3f} < {min_auroc:g} on {images} held-out goods and "
-                       "painted copies of them (a scratch or a blob each); it cannot see defects on these images")
-                for name, auroc in failing.items()}
     return SelfCheck(aurocs, left_out, images)
