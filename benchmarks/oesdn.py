@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.oesdn_protocols import (  # noqa: E402
     OBJECTS, TEXTURES, Protocol, Split, digits_protocols, object_protocol, texture_protocol)
 from benchmarks.overrides import apply_settings  # noqa: E402
-from patchline.models.detectors import DETECTORS as DETECTORS_BY_NAME  # noqa: E402
 from patchline.models.config import ElpvSource, EvaluationConfig, LineConfig, MvtecSource, OeSdnConfig  # noqa: E402
+from patchline.models.detectors import DETECTORS as DETECTORS_BY_NAME  # noqa: E402
 from patchline.models.images import pick_device  # noqa: E402
 from patchline.models.oesdn.scoring import score_autoencoder, score_oesdn  # noqa: E402
 from patchline.models.oesdn.training import train_autoencoder, train_sdn  # noqa: E402

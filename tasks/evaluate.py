@@ -34,6 +34,11 @@ class Evaluation:
     self_check: SelfCheck | None = None
 
     @property
+    def left_out(self) -> dict[str, str]:
+        """The detectors the self-check left out of the decisions, with why."""
+        return self.self_check.left_out if self.self_check is not None else {}
+
+    @property
     def decision_test(self) -> Detections:
         return self.test[self.calibration.decision_detector]
 

@@ -188,8 +188,7 @@ def log_rebuild_task(run_id: str, config: LineConfig, data: LineData, evaluation
     client.set_tag(run_id, BEST_DETECTOR_TAG, evaluation.best)
     client.set_tag(run_id, DECISION_DETECTOR_TAG, evaluation.calibration.decision_detector)
     client.set_tag(run_id, DECISION_REASON_TAG, evaluation.decision_reason)
-    left_out = evaluation.self_check.left_out if evaluation.self_check is not None else {}
-    tags = {**tags, **{LEFT_OUT_TAG_PREFIX + name: why for name, why in left_out.items()}}
+    tags = {**tags, **{LEFT_OUT_TAG_PREFIX + name: why for name, why in evaluation.left_out.items()}}
     for tag, value in {**reuse_tags(reuse), **tags}.items():
         client.set_tag(run_id, tag, value[:5000])
     data.manifest.write_csv(work_dir / "manifest.csv")
@@ -251,10 +250,9 @@ def publish_summary_task(config: LineConfig, run: StartedRun, evaluation: Evalua
     shown = [c for c in columns if any(c in m for m in evaluation.metrics.values())]
     metric = config.promotion.metric
     champion = [f"champion v{outcome.champion} {metric}"] if outcome.champion_metrics else []
-    left_out = evaluation.self_check.left_out if evaluation.self_check is not None else {}
     marks = {name: "".join(mark for mark, on in ((" (best)", name == evaluation.best),
                                                  (" (decides)", name == evaluation.calibration.decision_detector),
-                                                 (" (left out)", name in left_out)) if on)
+                                                 (" (left out)", name in evaluation.left_out)) if on)
              for name in evaluation.metrics}
     rows = [f"| {name}{marks[name]} | "
             + " | ".join(f"{m[c]:.4f}" if c in m else "–" for c in shown)
