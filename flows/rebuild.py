@@ -85,7 +85,7 @@ def rebuild_product_line(config: LineConfig, wait: bool = True, force: bool = Fa
     return outcomes.RebuildResult(
         config.name, run.run_id, gate.version, promoted, reason, False, evaluation.calibration.decision_detector,
         {name: m["image_auroc"] for name, m in evaluation.metrics.items()}, screening, evaluation.decision_reason,
-        reuse)
+        reuse, evaluation.left_out)
 
 
 def _gated(config: LineConfig, gate: GateOutcome, evaluation: Evaluation, reuse: dict[str, str],

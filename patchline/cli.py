@@ -332,6 +332,8 @@ def _print_rebuild(result: RebuildResult, line_arg: str) -> None:
     typer.echo(f"  version {result.version} {verdict}: {result.reason}")
     typer.echo(f"  decisions by: {result.decision_detector} ({result.decision_reason}); "
                f"MLflow run {result.run_id}")
+    for name, why in result.left_out.items():
+        typer.echo(f"  {name} {why}")
     _print_screening(line_arg, result.screening)
     for part, note in result.reuse.items():
         typer.echo(f"  {part}: {note}")

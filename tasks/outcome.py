@@ -26,6 +26,7 @@ class RebuildResult:
     screening: Screening
     decision_reason: str = ""
     reuse: dict[str, str] = field(default_factory=dict)   # what was reused of the champion, by part
+    left_out: dict[str, str] = field(default_factory=dict)  # detectors the self-check left out, with why
 
 
 @dataclass(frozen=True)

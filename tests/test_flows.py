@@ -458,12 +458,13 @@ def test_a_damaged_bundle_file_is_refused_naming_it(first_rebuild, tmp_path):
         load_bundle(damaged)
 
 
-def test_networks_that_cannot_see_painted_defects_are_left_out_of_the_decisions(home, tmp_path):
+def test_networks_that_cannot_see_painted_defects_are_left_out_of_the_decisions(home, tmp_path, capsys):
     """Three epochs of the tiny networks on 36 cells: at chance on painted copies of the 12 held-out goods,
     and on the test cells too. At the default bar they are left out: still fitted, scored and logged, but
     weighing 0 in the logged model's `fused`, never deciding, with a reason tag each."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from patchline.cli import _print_rebuild
     from patchline.flows.rebuild import rebuild_product_line
     from patchline.models.scoring.calibration import Calibration
     from patchline.storage.tag_names import LEFT_OUT_TAG_PREFIX
@@ -481,6 +482,10 @@ def test_networks_that_cannot_see_painted_defects_are_left_out_of_the_decisions(
     assert all("held-out goods" in why and "cannot see defects" in why for why in left_out.values())
     assert "patchcore_self_check_auroc" not in run.data.metrics  # judged by its test figures, not painted copies
     assert run.data.tags["patchline.decision_detector"] not in left_out
+    assert result.left_out == left_out  # and the CLI prints each with its reason
+    _print_rebuild(result, line)
+    printed = capsys.readouterr().out
+    assert all(f"  {name} {why}\n" in printed for name, why in left_out.items())
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{registered_model_name(line)}/1",
                                                      dst_path=str(tmp_path)))
     calibration = Calibration.from_json(next(local.rglob("calibration.json")).read_text())
