@@ -56,7 +56,7 @@ from patchline.models.scoring.metrics import aupro, image_auroc, pixel_auroc  # 
 from patchline.models.scoring.self_check import judge_self_check, painted_copies  # noqa: E402
 from patchline.storage.line_config import load_line  # noqa: E402
 from patchline.storage.manifest import hold_out_calibration  # noqa: E402
-from patchline.storage.line_survey import LineSurvey, fitted_config  # noqa: E402
+from patchline.storage.line_survey import LineSurvey, contrast_lost, detail_sample, fitted_config  # noqa: E402
 from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
 
 logger = logging.getLogger("benchmarks.oesdn")
@@ -102,7 +102,7 @@ def init_line_settings(protocol: Protocol) -> OeSdnConfig:
     # The networks fit every training image of a protocol (no calibration images are held out here).
     survey = LineSurvey(len(train), len(train), (short[0], short[len(short) // 2], short[-1]), (sizes[0], sizes[-1]),
                         any(image.ndim == 3 for image in train), 8, defective,
-                        0 if test.masks is None else defective)
+                        0 if test.masks is None else defective, contrast_lost(detail_sample(train)))
     config, _ = fitted_config(LineConfig(name="benchmark", source=MvtecSource(root=Path("."))), survey)
     return config.oesdn
 

@@ -1,6 +1,7 @@
 """What a new line's folder holds, and the settings of its first config that follow from it (`init-line`).
 
 Only facts of the data decide here: how large the images are (a line is not scaled up past its images),
+how fine their detail is (images scaled up from small originals train the networks at the originals' scale),
 whether the training images are colour, how many bits their pixels were stored with, how many good
 images there are to fit on, and whether defects come with masks. Every setting written comes with one
 line saying why.
@@ -10,14 +11,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 from pathlib import Path
 
+from collections.abc import Sequence
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from patchline.models.config import LineConfig
+from patchline.models.images import images_to_tensor
 from patchline.storage.image_files import bits_per_sample
 from patchline.storage.manifest import Manifest, ManifestRow, hold_out_calibration
+from patchline.storage.pixels import read_pixels
 from patchline.storage.sources import PIXEL_READERS
+
+T = TypeVar("T")
 
 # PatchCore's backbones need an 8 × 8 grid of stride-8 features at least; sizes are multiples of their
 # largest stride, 32.
@@ -33,6 +43,13 @@ STEPS_PER_EPOCH = 8
 # higher-resolution line gets fewer epochs, never fewer than MIN_EPOCHS.
 IMAGE_PASSES_AT_64 = 40_000
 MIN_EPOCHS = 10
+# The networks train at the least of these sizes at which the training images, taken at 64 px, scaled
+# down and back up, lose at most DETAIL_LOSS of their contrast (squared deviation from their mean): images
+# scaled up from small originals lose little, photographs and textures far more (benchmarks/README.md,
+# "Training at the images' detail").
+DETAIL_SIZES, DETAIL_REFERENCE, DETAIL_LOSS = (16, 32), 64, 0.03
+# Contrast loss is measured on this many fit images, evenly spaced (the median decides).
+DETAIL_SAMPLE = 32
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class LineSurvey:
     bits: int  # 8, or 16 when any training image was stored with more than 8 bits per pixel
     defective: int
     with_masks: int
+    contrast_lost: tuple[tuple[int, float], ...]  # (size, median share of contrast lost at it), DETAIL_SIZES
 
     @classmethod
     def of(cls, manifest: Manifest, calibration_fraction: float) -> LineSurvey:
@@ -55,9 +73,33 @@ class LineSurvey:
         short = np.array([min(row.width, row.height) for row in train])
         areas = sorted((row.width * row.height, (row.width, row.height)) for row in manifest.rows)
         defective = [row for row in manifest.rows if row.label == "anomaly"]
+        sample = [read_pixels(row.source) for row in detail_sample(fit)]
         return cls(len(train), len(fit), (int(short.min()), int(np.median(short)), int(short.max())),
                    (areas[0][1], areas[-1][1]), any(row.channels == 3 for row in train),
-                   max(_bits(row) for row in train), len(defective), sum(1 for row in defective if row.mask))
+                   max(_bits(row) for row in train), len(defective), sum(1 for row in defective if row.mask),
+                   contrast_lost(sample))
+
+
+def detail_sample(items: Sequence[T]) -> list[T]:
+    """Up to DETAIL_SAMPLE of `items`, evenly spaced: the images whose contrast loss is measured."""
+    return list(items[::max(1, len(items) // DETAIL_SAMPLE)][:DETAIL_SAMPLE])
+
+
+def contrast_lost(images: Sequence[np.ndarray]) -> tuple[tuple[int, float], ...]:
+    """For each of DETAIL_SIZES, the median share of the images' contrast (at DETAIL_REFERENCE px, grey)
+    that scaling them down to that size and back up loses: how much detail the networks would miss there."""
+    if not images:
+        return tuple((size, 1.0) for size in DETAIL_SIZES)
+    batch = images_to_tensor(images, DETAIL_REFERENCE, channels=1)
+    contrast = (batch - batch.mean(dim=(2, 3), keepdim=True)).square().sum(dim=(1, 2, 3))
+    lost = []
+    for size in DETAIL_SIZES:
+        small = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        back = F.interpolate(small, size=(DETAIL_REFERENCE, DETAIL_REFERENCE), mode="bilinear", align_corners=False)
+        # A flat image has no detail to lose.
+        share = (batch - back).square().sum(dim=(1, 2, 3)) / contrast.clamp_min(torch.finfo(batch.dtype).tiny)
+        lost.append((size, round(float(share.median()), 4)))
+    return tuple(lost)
 
 
 def _bits(row: ManifestRow) -> int:
@@ -85,9 +127,21 @@ def fitted_config(config: LineConfig, survey: LineSurvey) -> tuple[LineConfig, l
                        f"{varying})")
     oesdn = config.oesdn
     network_size = max(NETWORK_SIZE_STEP, min(oesdn.image_size, median // NETWORK_SIZE_STEP * NETWORK_SIZE_STEP))
-    reasons.append(f"oesdn.image_size: {network_size} (" + (
-        "the default" if network_size == oesdn.image_size else f"the training images' median short side is {median} px")
-        + ")")
+    coarse = next(((size, lost) for size, lost in survey.contrast_lost if size < network_size and lost <= DETAIL_LOSS),
+                  None)
+    if coarse is not None:
+        network_size = coarse[0]
+        reasons.append(f"oesdn.image_size: {network_size} (scaled to {network_size} px and back, the training images "
+                       f"lose {coarse[1]:.1%} of their contrast: their detail is that coarse)")
+    else:
+        reasons.append(f"oesdn.image_size: {network_size} (" + (
+            "the default" if network_size == oesdn.image_size
+            else f"the training images' median short side is {median} px") + ")")
+    # The map's smoothing covers the same share of the image at any network size.
+    sigma = oesdn.smoothing_sigma * network_size / oesdn.image_size
+    if sigma != oesdn.smoothing_sigma:
+        reasons.append(f"oesdn.smoothing_sigma: {sigma:g} ({oesdn.smoothing_sigma:g} px at {oesdn.image_size} px, "
+                       "the same share of the image)")
     channels = 3 if survey.colour else 1
     reasons.append(f"oesdn.channels: {channels} (the training images are {'colour' if survey.colour else 'grey'})")
     if survey.bits > 8:
@@ -104,7 +158,7 @@ def fitted_config(config: LineConfig, survey: LineSurvey) -> tuple[LineConfig, l
         else f"a budget of {IMAGE_PASSES_AT_64:,} image passes at 64 px over {trained} images at {network_size} px")
         + ")")
     oesdn = oesdn.model_copy(update={"image_size": network_size, "channels": channels, "batch_size": batch,
-                                     "epochs": epochs, "sdn_epochs": epochs})
+                                     "epochs": epochs, "sdn_epochs": epochs, "smoothing_sigma": sigma})
     reasons.append(f"{survey.train_good} good training images, {survey.train_good - survey.fit_good} of them held "
                    "out for calibration" + (f"; fewer than {FEW_TRAINING_IMAGES} make thresholds coarse and "
                                             "the networks weak" if survey.train_good < FEW_TRAINING_IMAGES else ""))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from patchline.cli import app
@@ -253,6 +254,12 @@ def _noise(count: int, shape: tuple[int, ...], dtype: type = np.uint8, seed: int
     return [rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype) for _ in range(count)]
 
 
+def _scaled_up(count: int, original: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """Noise of `original` px scaled up to `size` px, bilinear: a folder whose detail is coarser than its pixels."""
+    return [np.asarray(Image.fromarray(small).resize((size, size), Image.BILINEAR))
+            for small in _noise(count, (original, original), seed=seed)]
+
+
 _SURVEYED_FOLDERS = {
     # 6 colour goods of 150 × 120 px, defects of 160 × 130 px, one with a mask.
     "colour": (lambda: (_noise(6, (120, 150, 3)), _noise(2, (130, 160, 3), seed=1), 1),
@@ -276,10 +283,12 @@ _SURVEYED_FOLDERS = {
               "masks for 0 of 2 defective test images: image metrics only"]),
     # 16-bit grey goods of 48 px: below the backbones' least size, not below the networks'.
     "16-bit": (lambda: (_noise(24, (48, 48), np.uint16), _noise(2, (48, 48), np.uint16, seed=1), 0),
-               {"image_size": 64, "oesdn.image_size": 48, "oesdn.channels": 1, "oesdn.batch_size": 2},
+               {"image_size": 64, "oesdn.image_size": 48, "oesdn.channels": 1, "oesdn.batch_size": 2,
+                "oesdn.smoothing_sigma": 3.0},
                ["image_size: 64 (the least PatchCore's backbones take; the training images' median short side is "
                 "48 px)",
                 "oesdn.image_size: 48 (the training images' median short side is 48 px)",
+                "oesdn.smoothing_sigma: 3 (4 px at 64 px, the same share of the image)",
                 "16-bit training images: each image is scaled to 8 bits between its own darkest and brightest "
                 "pixel, so brightness is compared within an image, not between images"]),
     # Grey goods of three sizes: the median short side decides.
@@ -288,14 +297,24 @@ _SURVEYED_FOLDERS = {
                     {"image_size": 128, "oesdn.image_size": 64, "oesdn.channels": 1},
                     ["image_size: 128 (the training images' median short side is 150 px; a line is not scaled up "
                      "past its images; sizes vary from 200×100 to 400×200, each image is resized)"]),
+    # 64 px goods scaled up from 4 px and from 8 px originals: the networks train at the detail's scale,
+    # their maps smoothed over the same share of the image.
+    "scaled up from 4 px": (lambda: (_scaled_up(24, 4, 64), _scaled_up(2, 4, 64, seed=1), 0),
+                            {"image_size": 64, "oesdn.image_size": 16, "oesdn.smoothing_sigma": 1.0},
+                            ["oesdn.image_size: 16 (scaled to 16 px and back, the training images lose 0.",
+                             "oesdn.smoothing_sigma: 1 (4 px at 64 px, the same share of the image)"]),
+    "scaled up from 8 px": (lambda: (_scaled_up(24, 8, 64), _scaled_up(2, 8, 64, seed=1), 0),
+                            {"image_size": 64, "oesdn.image_size": 32, "oesdn.smoothing_sigma": 2.0},
+                            ["oesdn.image_size: 32 (scaled to 32 px and back, the training images lose 0.",
+                             "oesdn.smoothing_sigma: 2 (4 px at 64 px, the same share of the image)"]),
 }
 
 
 @pytest.mark.parametrize("kind", list(_SURVEYED_FOLDERS))
 def test_cli_init_line_reads_the_data_and_says_why_for_each_setting(tmp_path, kind):
-    """Issue 37: `init-line` looks at the images before it writes settings: not scaled up past them, colour
-    for colour data, the networks' batches and epochs sized to the images, 16-bit data named, and one line
-    saying why for each."""
+    """Issue 37: `init-line` looks at the images before it writes settings: not scaled up past them, the
+    networks trained at the scale of the images' detail, colour for colour data, the networks' batches and
+    epochs sized to the images, 16-bit data named, and one line saying why for each."""
     make, expected, reasons = _SURVEYED_FOLDERS[kind]
     root = _folder(tmp_path / "parts", *make())
     config_path = tmp_path / "parts.yaml"
