@@ -4,6 +4,7 @@
     python benchmarks/oesdn.py --protocol digits --image-size 64 --defaults
     python benchmarks/oesdn.py --protocol texture|objects [--split val] [--defaults] [--self-check]
     python benchmarks/oesdn.py --line elpv-mono
+    python benchmarks/oesdn.py --protocol digits|texture|objects [--image-size 64] --survey
     (each also as python -m benchmarks.oesdn ...; --set FIELD=VALUE overrides an OeSdnConfig field)
 
 digits: scikit-learn's 8×8 digits, each class in turn the only normal class (the paper's one-class
@@ -26,6 +27,9 @@ validation goods (for --line: the goods a rebuild of the line holds out, then no
 painted copies of them, and the detectors it leaves out of the line:
     ... train_s=<s> selfcheck_ae=<a> selfcheck_oesdn=<b> left_out=<ae,oesdn|none> defaults=init-line
 Settings are chosen with --split val (the protocols' validation images); the test split is the default.
+--survey trains nothing and prints, per case, what init-line reads in its training images and writes:
+    survey protocol=digits image_size=64 case=digit-0 contrast_lost_16=<a> contrast_lost_32=<b>
+           oesdn_image_size=16 smoothing_sigma=1
 """
 
 from __future__ import annotations
@@ -93,18 +97,30 @@ def elpv_protocol(line_name: str, hold_out: bool = False) -> tuple[Protocol, OeS
     return Protocol(line.name, train, val, test), line.oesdn
 
 
-def init_line_settings(protocol: Protocol) -> OeSdnConfig:
-    """The OE-SDN settings `patchline init-line` writes for a folder of `protocol`'s images."""
+def init_line_survey(protocol: Protocol) -> LineSurvey:
+    """What `patchline init-line` would find in a folder of `protocol`'s images."""
     train, test = protocol.train, protocol.test
     short = sorted(min(image.shape[:2]) for image in train)
     sizes = sorted(((image.shape[1], image.shape[0]) for image in [*train, *test.images]), key=lambda s: s[0] * s[1])
     defective = int(test.labels.sum())
     # The networks fit every training image of a protocol (no calibration images are held out here).
-    survey = LineSurvey(len(train), len(train), (short[0], short[len(short) // 2], short[-1]), (sizes[0], sizes[-1]),
-                        any(image.ndim == 3 for image in train), 8, defective,
-                        0 if test.masks is None else defective, contrast_lost(detail_sample(train)))
-    config, _ = fitted_config(LineConfig(name="benchmark", source=MvtecSource(root=Path("."))), survey)
+    return LineSurvey(len(train), len(train), (short[0], short[len(short) // 2], short[-1]), (sizes[0], sizes[-1]),
+                      any(image.ndim == 3 for image in train), 8, defective,
+                      0 if test.masks is None else defective, contrast_lost(detail_sample(train)))
+
+
+def init_line_settings(protocol: Protocol) -> OeSdnConfig:
+    """The OE-SDN settings `patchline init-line` writes for a folder of `protocol`'s images."""
+    config, _ = fitted_config(LineConfig(name="benchmark", source=MvtecSource(root=Path("."))), init_line_survey(protocol))
     return config.oesdn
+
+
+def survey_line(label: str, protocol: Protocol) -> str:
+    """One line of what init-line reads in `protocol`'s training images and the networks' size and σ it writes."""
+    lost = "".join(f" contrast_lost_{size}={share:.4f}" for size, share in init_line_survey(protocol).contrast_lost)
+    config = init_line_settings(protocol)
+    return (f"survey {label} case={protocol.name}{lost} oesdn_image_size={config.image_size} "
+            f"smoothing_sigma={config.smoothing_sigma:g}")
 
 
 def run_case(protocol: Protocol, config: OeSdnConfig, split: str, device: torch.device,
@@ -193,6 +209,9 @@ def main() -> None:
     parser.add_argument("--self-check", action="store_true",
                         help="also run each case's self-check on its validation goods (per-case lines); with "
                              "--line, on the goods a rebuild holds out, which then are not trained on")
+    parser.add_argument("--survey", action="store_true",
+                        help="train nothing: print, per case, how much contrast its training images lose at the "
+                             "networks' smaller sizes and the size and smoothing init-line writes from that")
     parser.add_argument("--threads", type=int, help="torch CPU threads (of each job)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="cases and seeds trained side by side in this many processes (use --threads 1 with it)")
@@ -219,6 +238,10 @@ def main() -> None:
         cases = [case for case in cases if case.name.removeprefix("digit-") in args.cases]
         if not cases:
             parser.error(f"--cases {args.cases} match no case of {label}")
+    if args.survey:
+        for case in cases:
+            print(survey_line(label, case))
+        return
     keys = [f"{metric}_{name}" for metric in ("auroc", "pixel_auroc", "aupro") for name in DETECTORS
             if metric == "auroc" or args.protocol in MASKED]
     # The closing line's fields, in the order the issue that asked for this benchmark (18) gave them.

@@ -146,3 +146,18 @@ def test_a_line_self_check_holds_out_the_goods_a_rebuild_would() -> None:
     out = _run("--line", "elpv-mono", "--self-check", *TINY, "--set", "image_size=32")
     assert re.search(r"^oesdn line=elpv-mono case=elpv-mono seed=0 split=test .* train_s=\d+ selfcheck_ae=[01]\.\d{4} "
                      r"selfcheck_oesdn=[01]\.\d{4} left_out=\S+$", out, re.M)
+
+
+def test_survey_trains_the_networks_at_the_detail_of_scaled_up_digits_only() -> None:
+    """--survey prints what init-line reads and writes per case: the digits, scaled up from 8 px, lose little
+    contrast at 16 px and train there with σ 1; the texture crops lose far more and keep 64 px and σ 4."""
+    lines = [*_run("--protocol", "digits", "--image-size", "64", "--cases", "1", "8", "--survey").splitlines(),
+             *_run("--protocol", "texture", "--survey").splitlines()]
+    number = r"0\.\d{4}"
+    for line, case, size, sigma in zip(lines, ("digit-1", "digit-8", "brick", "grass", "gravel"),
+                                       (16, 16, 64, 64, 64), (1, 1, 4, 4, 4), strict=True):
+        protocol = "digits image_size=64" if case.startswith("digit") else "texture"
+        assert re.fullmatch(f"survey protocol={protocol} case={case} contrast_lost_16={number} "
+                            f"contrast_lost_32={number} oesdn_image_size={size} smoothing_sigma={sigma}", line), line
+        lost_16 = float(line.split("contrast_lost_16=")[1].split()[0])
+        assert (lost_16 <= 0.03) == (size == 16)
