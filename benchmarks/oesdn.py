@@ -59,8 +59,8 @@ from patchline.models.scoring.detection import Detections  # noqa: E402
 from patchline.models.scoring.metrics import aupro, image_auroc, pixel_auroc  # noqa: E402
 from patchline.models.scoring.self_check import judge_self_check, painted_copies  # noqa: E402
 from patchline.storage.line_config import load_line  # noqa: E402
-from patchline.storage.manifest import hold_out_calibration  # noqa: E402
 from patchline.storage.line_survey import LineSurvey, contrast_lost, detail_sample, fitted_config  # noqa: E402
+from patchline.storage.manifest import hold_out_calibration  # noqa: E402
 from patchline.storage.sources.elpv import SOURCE_PREFIX, elpv_arrays, elpv_rows  # noqa: E402
 
 logger = logging.getLogger("benchmarks.oesdn")

@@ -10,11 +10,10 @@ line saying why.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TypeVar
-from pathlib import Path
-
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
