@@ -162,3 +162,20 @@ def test_leave_one_image_out_finds_the_image_whose_patches_no_other_has():
     assert 7 not in unlike_the_rest(leave_one_image_out_scores(bank, owners, 20))[0]
     with pytest.raises(ValueError, match="at least two images"):
         leave_one_image_out_scores(bank[:5], owners[:5], 1)
+
+
+def test_a_small_bank_reports_only_the_image_unlike_the_others_that_hold_rows():
+    """A bank of fewer rows than images (small images, a 1 % coreset) leaves most images without rows: they
+    are covered by the others and do not pull the cut-off down to 0, which would report every image with a row."""
+    from patchline.models.patchcore.outliers import leave_one_image_out_scores, unlike_the_rest
+
+    rng = np.random.default_rng(1)
+    # 100 images, 30 of them holding one bank row each; image 12's row is far from all the others.
+    owners = np.arange(0, 60, 2)
+    bank = rng.normal(size=(30, 16)).astype(np.float32)
+    bank[6] += 12.0
+    scores = leave_one_image_out_scores(bank, owners, 100)
+    assert (scores > 0).sum() == 30
+    flagged, cutoff = unlike_the_rest(scores)
+    assert list(flagged) == [12] and cutoff > float(np.median(scores[scores > 0]))
+    assert unlike_the_rest(np.zeros(5))[0].size == 0

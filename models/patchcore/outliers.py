@@ -41,6 +41,13 @@ def leave_one_image_out_scores(bank: np.ndarray, row_images: np.ndarray, images:
 
 
 def unlike_the_rest(scores: np.ndarray) -> tuple[np.ndarray, float]:
-    """The indices of the scores beyond the outlier cut-off (median + `OUTLIER_Z` robust spreads), and that cut-off."""
-    cutoff = float(np.median(scores)) + OUTLIER_Z * robust_spread(scores)
+    """The indices of the scores beyond the outlier cut-off (median + `OUTLIER_Z` robust spreads), and that cut-off.
+
+    The cut-off is taken over the images with bank rows (score > 0) only: an image without any is covered by
+    the others, and a small bank leaves most images without rows, which would put the median at 0 and
+    report every image that has one."""
+    held = scores[scores > 0]
+    if len(held) == 0:
+        return np.array([], dtype=np.int64), 0.0
+    cutoff = float(np.median(held)) + OUTLIER_Z * robust_spread(held)
     return np.flatnonzero(scores > cutoff), cutoff
