@@ -166,8 +166,8 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
         model.train()
         sums: dict[str, float] = {}
         shuffled = train[torch.randperm(len(train), generator=generator)]
-        for start in range(0, len(train), config.batch_size):
-            batch = _augment(shuffled[start:start + config.batch_size], config, generator).to(device)
+        for rows in batch_slices(len(train), config.batch_size):
+            batch = _augment(shuffled[rows], config, generator).to(device)
             parts = batch_loss(batch, generator)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
@@ -202,6 +202,16 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
                 stop, time.monotonic() - started, best_loss)
     model.eval()
     return history
+
+
+def batch_slices(count: int, size: int) -> list[slice]:
+    """`count` rows in batches of `size`, a last batch of a single row joined to the one before: on a CPU with
+    more than one thread, PyTorch's backward pass of the AE on one image sums in an order that varies from
+    process to process, so the same images, config and seed would not give the same weights."""
+    starts = list(range(0, count, size))
+    if len(starts) > 1 and count - starts[-1] == 1:
+        starts.pop()
+    return [slice(start, end) for start, end in zip(starts, [*starts[1:], count])]
 
 
 def _evaluate(model: nn.Module, batch_loss: BatchLoss, val: torch.Tensor, batch_size: int,
