@@ -109,16 +109,18 @@ def init_line_survey(protocol: Protocol) -> LineSurvey:
                       0 if test.masks is None else defective, contrast_lost(detail_sample(train)))
 
 
-def init_line_settings(protocol: Protocol) -> OeSdnConfig:
-    """The OE-SDN settings `patchline init-line` writes for a folder of `protocol`'s images."""
-    config, _ = fitted_config(LineConfig(name="benchmark", source=MvtecSource(root=Path("."))), init_line_survey(protocol))
+def init_line_settings(protocol: Protocol, survey: LineSurvey | None = None) -> OeSdnConfig:
+    """The OE-SDN settings `patchline init-line` writes for a folder of `protocol`'s images (`survey` of them)."""
+    config, _ = fitted_config(LineConfig(name="benchmark", source=MvtecSource(root=Path("."))),
+                              survey or init_line_survey(protocol))
     return config.oesdn
 
 
 def survey_line(label: str, protocol: Protocol) -> str:
     """One line of what init-line reads in `protocol`'s training images and the networks' size and σ it writes."""
-    lost = "".join(f" contrast_lost_{size}={share:.4f}" for size, share in init_line_survey(protocol).contrast_lost)
-    config = init_line_settings(protocol)
+    survey = init_line_survey(protocol)
+    lost = "".join(f" contrast_lost_{size}={share:.4f}" for size, share in survey.contrast_lost)
+    config = init_line_settings(protocol, survey)
     return (f"survey {label} case={protocol.name}{lost} oesdn_image_size={config.image_size} "
             f"smoothing_sigma={config.smoothing_sigma:g}")
 

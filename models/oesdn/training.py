@@ -166,7 +166,7 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
         model.train()
         sums: dict[str, float] = {}
         shuffled = train[torch.randperm(len(train), generator=generator)]
-        for rows in batch_slices(len(train), config.batch_size):
+        for rows in _batch_slices(len(train), config.batch_size):
             batch = _augment(shuffled[rows], config, generator).to(device)
             parts = batch_loss(batch, generator)
             optimizer.zero_grad(set_to_none=True)
@@ -204,7 +204,7 @@ def _fit(model: nn.Module, batch_loss: BatchLoss, data: torch.Tensor, config: Oe
     return history
 
 
-def batch_slices(count: int, size: int) -> list[slice]:
+def _batch_slices(count: int, size: int) -> list[slice]:
     """`count` rows in batches of `size`, a last batch of a single row joined to the one before: on a CPU with
     more than one thread, PyTorch's backward pass of the AE on one image sums in an order that varies from
     process to process, so the same images, config and seed would not give the same weights."""
